@@ -4,9 +4,9 @@ Runs on any device and is differentiable by autograd. Time is cut into chunks
 of ``chunk_size`` tokens; inside a chunk the 7-number transforms are prefix-
 composed in log2(chunk_size) rounds, the chunk totals are prefix-composed across
 chunks, and each token's state is the chunk-local prefix applied to its chunk's
-start state. Initial states (and, with ``cu_seqlens``, every document start) enter
-as a *reset* transform composed into the first token, so packed documents need no
-special path.
+start state. Each sequence's (or, with ``cu_seqlens``, each document's) first token is
+replaced by a *reset* transform to its exact post-token state, so packed documents
+need no special path.
 
 Memory is O(7·log2(chunk_size)·B·L·H·P·S) for autograd: this path is for
 correctness and portability, the Triton kernels are for speed.
@@ -30,15 +30,33 @@ def _leaves(v, lambda_v, k, a, p):
     return tr.leaf(phi, r, a, p)
 
 
-def _insert_resets(t, starts, lam0, eta0):
-    """Compose a reset to ``(lam0[n], eta0[n])`` into the token at ``starts[n]`` of row 0
-    (varlen) or into token 0 of every row (``starts is None``)."""
+def _first_step(v, lambda_v, k, a, p, lam0, eta0):
+    """State after a sequence's first token, in covariance form (kla_math.md §4).
+
+    The gradient to the initial state flows through this step alone, and the
+    covariance form differentiates without cancellation (dP/dσ0 = a²), where the
+    information form and the projective transform both subtract nearly equal terms
+    once the initial state is forgotten (small a).
+    """
+    k = k[..., None, :]
+    phi = lambda_v[..., None] * k * k
+    r = (v * lambda_v)[..., None] * k
+    sigma0 = 1 / lam0
+    prior = a * a * sigma0 + p
+    iota = 1 / (1 + phi * prior)
+    sigma = prior * iota
+    mu = (a * eta0 * sigma0 + r * prior) * iota
+    return 1 / sigma, mu / sigma
+
+
+def _insert_resets(t, starts, first_states):
+    """Replace the first token of every sequence by a reset to its exact post-token state:
+    token 0 of every row (``starts is None``) or token ``starts[n]`` of row 0 (varlen)."""
     if starts is None:
-        first = tr.compose(t[:, :, 0], tr.reset(lam0, eta0))
+        first = tr.reset(*first_states)
         return torch.cat([first[:, :, None], t[:, :, 1:]], dim=2)
     row = t[:, 0]  # [7, L, H, P, S]
-    fixed = tr.compose(row.index_select(1, starts), tr.reset(lam0, eta0))
-    return row.index_copy(1, starts, fixed)[:, None]
+    return row.index_copy(1, starts, tr.reset(*first_states))[:, None]
 
 
 def _prefix_states(t, chunk_size):
@@ -86,8 +104,12 @@ def torch_kla_scan(
         lam0, eta0 = (s.to(dtype) for s in initial_state)
 
     t = _leaves(v, lambda_v, k, a, p)
-    starts = None if cu_seqlens is None else cu_seqlens[:-1].long()
-    t = _insert_resets(t, starts, lam0, eta0)
+    if cu_seqlens is None:
+        starts, first_tokens = None, (v[:, 0], lambda_v[:, 0], k[:, 0])
+    else:
+        starts = cu_seqlens[:-1].long()
+        first_tokens = (x[0].index_select(0, starts) for x in (v, lambda_v, k))
+    t = _insert_resets(t, starts, _first_step(*first_tokens, a, p, lam0, eta0))
     lam, eta = _prefix_states(t, min(chunk_size, 1 << max(L - 1, 0).bit_length()))
 
     qe = q[:, :, :, None, :]
