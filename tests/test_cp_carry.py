@@ -114,7 +114,7 @@ def test_end_adjoint_maps_per_document_and_composition():
     torch.testing.assert_close(o, o_ref, rtol=1e-10, atol=1e-12)
 
     # Splitting one sequence at t=20 and composing the two maps gives the whole map.
-    (lam_mid, eta_mid), sl1, sl2 = None, slice(0, 20), slice(20, 50)
+    sl1, sl2 = slice(0, 20), slice(20, 50)
     _, _, (lam_mid, eta_mid) = kla_scan(
         *(x[:, sl1] for x in (v, lv, k, q)), a, p, initial_state=tuple(s[:1] for s in state),
         output_final_state=True, backend="naive",
