@@ -1,0 +1,63 @@
+"""Pretraining entry point.
+
+    python -m kla_megatron.train --config configs/tiny_cpu.yaml [--set train.lr=3e-4 ...]
+    torchrun --nproc-per-node 8 -m kla_megatron.train --config configs/125m.yaml
+    kla-pretrain --config configs/1.3b.yaml --set parallel.tensor=2
+
+``--set KEY=VALUE`` overrides any config field (the value is parsed as YAML); ``--dry-run``
+validates the config and prints it without training. Exit status: 0 done or preempted
+(checkpoint written), 1 non-finite loss under the abort policy, 2 bad config.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+import yaml
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="kla-pretrain", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", required=True, help="run config: a configs/<name>.yaml path or a name in configs/")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config field, e.g. --set train.lr=3e-4 (repeatable)")
+    ap.add_argument("--dry-run", action="store_true", help="validate and print the config, then exit")
+    return ap.parse_args(argv)
+
+
+def run(argv=None):
+    """Train; returns the History (used by tests). Raises ValueError for bad configs."""
+    from kla_megatron.training.config import load_run_config
+
+    args = parse_args(argv)
+    cfg = load_run_config(args.config, args.overrides)
+    if args.dry_run:
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        return None
+    from kla_megatron.training.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
+
+
+def main(argv=None) -> int:
+    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    from kla_megatron.training.trainer import NonFiniteError
+
+    try:
+        run(argv)
+    except ValueError as exc:
+        print(f"kla-pretrain: config error: {exc}", file=sys.stderr)
+        return 2
+    except NonFiniteError as exc:
+        print(f"kla-pretrain: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Build the KLA model chunks of this rank from the model config and the run's layout."""
+from __future__ import annotations
+
+import torch
+
+from .config import RunConfig
+
+
+def models_api():
+    """The model package (issue 4 contract): KLAModelConfig, build_kla_model, flops_per_token."""
+    import os
+    if os.environ.get("KLA_TRAIN_STANDIN"):
+        from . import _standin
+        return _standin
+    try:
+        from kla_megatron import models
+        from kla_megatron.compat.cpu import enable_cpu_megatron
+        models.enable_cpu_megatron = enable_cpu_megatron
+        models.load_model_config  # noqa: B018  (fail early if the contract is incomplete)
+        return models
+    except (ImportError, AttributeError):
+        from . import _standin  # development stand-in; removed once the model lands
+
+        return _standin
+
+
+def load_model_config(run: RunConfig):
+    return models_api().load_model_config(run.model)
+
+
+def transformer_config(run: RunConfig, model_cfg):
+    p, t = run.parallel, run.train
+    bf16 = t.precision == "bf16"
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    kw = dict(tensor_model_parallel_size=p.tensor, pipeline_model_parallel_size=p.pipeline,
+              virtual_pipeline_model_parallel_size=p.virtual_pipeline, context_parallel_size=p.context,
+              sequence_parallel=p.sequence_parallel, bf16=bf16, params_dtype=dtype, pipeline_dtype=dtype,
+              deterministic_mode=t.deterministic)
+    if t.recompute == "full":
+        kw.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    elif t.recompute == "selective":
+        kw.update(recompute_granularity="selective")
+    return model_cfg.to_transformer_config(**kw)
+
+
+def build_model_chunks(run: RunConfig, model_cfg, tc) -> list[torch.nn.Module]:
+    """One chunk per virtual pipeline stage (one without interleaving), each on its own stage."""
+    from megatron.core import parallel_state as ps
+
+    api = models_api()
+    n_chunks = run.parallel.virtual_pipeline or 1
+    chunks = []
+    for vp in range(n_chunks):
+        vp_stage = vp if run.parallel.virtual_pipeline else None
+        pre = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+        post = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+        chunk = api.build_kla_model(model_cfg, tc, pre_process=pre, post_process=post, vp_stage=vp_stage)
+        if torch.cuda.is_available():
+            chunk.cuda(torch.cuda.current_device())
+        chunks.append(chunk)
+    return chunks

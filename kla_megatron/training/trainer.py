@@ -1,0 +1,225 @@
+"""The training loop: set up, resume, then step / log / validate / checkpoint until done or preempted.
+
+The loop is engine-agnostic; an engine (megatron or DeepSpeed) provides ``train_step``,
+``eval_loss``, ``save`` and ``load``. The trainer itself checkpoints only the step, the number
+of consumed samples, the layout and the RNG states.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from . import checkpoint as ckpt
+from .config import RunConfig
+from .data import build_datasets, rank_micro_batches
+from .metrics import Throughput, Trackers, format_line, memory_gib, peak_tflops
+from .model_factory import load_model_config, models_api
+from .preemption import PreemptionHandler
+
+
+class NonFiniteError(RuntimeError):
+    """Raised under nan_policy 'abort' (or too many skipped steps); no checkpoint is written."""
+
+
+@dataclass
+class History:
+    losses: dict[int, float] = field(default_factory=dict)
+    """step (1-based count of steps done) -> training loss of that step."""
+    valid: dict[int, float] = field(default_factory=dict)
+    grad_norms: dict[int, float] = field(default_factory=dict)
+    resumed_from: str | None = None
+    start_step: int = 0
+    final_step: int = 0
+    stopped_by_signal: bool = False
+    last_checkpoint: str | None = None
+    metrics: dict = field(default_factory=dict)
+
+
+def init_distributed() -> None:
+    """Join the process group torchrun/srun set up, or make a one-rank group for a plain run."""
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:  # plain srun: map SLURM_* ourselves
+        os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
+                          LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        if os.environ["WORLD_SIZE"] != "1":
+            raise ValueError("MASTER_PORT is not set: launch multi-rank runs with torchrun or srun")
+        with socket.socket() as s:  # a plain one-process run: any free port
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+class Trainer:
+    def __init__(self, run: RunConfig):
+        from megatron.core import parallel_state as ps
+        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+        self.run = run
+        init_distributed()
+        models_api().enable_cpu_megatron()
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.dp = run.validate_world(self.world)
+        t, p = run.train, run.parallel
+        if t.deterministic:
+            torch.use_deterministic_algorithms(True)
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        if run.engine == "megatron":
+            ps.initialize_model_parallel(tensor_model_parallel_size=p.tensor, pipeline_model_parallel_size=p.pipeline,
+                                         virtual_pipeline_model_parallel_size=p.virtual_pipeline,
+                                         context_parallel_size=p.context)
+        else:
+            ps.initialize_model_parallel()
+        self.dp_rank = ps.get_data_parallel_rank()
+        torch.manual_seed(t.seed)
+        model_parallel_cuda_manual_seed(t.seed)
+        self.model_cfg = load_model_config(run)
+        self.datasets = build_datasets(run, self.model_cfg.vocab_size)
+        if run.engine == "megatron":
+            from .megatron_engine import MegatronEngine
+
+            self.engine = MegatronEngine(run, self.model_cfg, self.datasets.eod_id)
+        else:
+            from .deepspeed_engine import DeepSpeedEngine
+
+            self.engine = DeepSpeedEngine(run, self.model_cfg, self.datasets.eod_id)
+        self.layout = {"tensor": p.tensor, "pipeline": p.pipeline, "context": p.context, "data": self.dp,
+                       "virtual_pipeline": p.virtual_pipeline, "engine": run.engine}
+        self.trackers = Trackers(run.logging, run.run_name, run.to_dict(), enabled=self.rank == 0)
+        self.history = History()
+        self.step = 0
+
+    # ------------------------------------------------------------------ helpers
+
+    def log(self, msg: str) -> None:
+        if self.rank == 0:
+            print(msg, flush=True)
+
+    def _global_batch(self, step: int) -> list[dict]:
+        return rank_micro_batches(self.datasets.train, step * self.run.train.global_batch_size, self.run,
+                                  self.dp_rank, self.dp)
+
+    def _validate(self) -> float:
+        t = self.run.train
+        batches = [rank_micro_batches(self.datasets.valid, i * t.global_batch_size, self.run, self.dp_rank, self.dp)
+                   for i in range(t.eval_iters)]
+        return self.engine.eval_loss(batches)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def resume(self) -> None:
+        c = self.run.checkpoint
+        if c.resume == "none" or (c.resume == "auto" and not c.dir):
+            return
+        if c.resume == "auto":
+            path = ckpt.latest(c.dir)
+            if path is None:
+                return
+        else:
+            path = c.resume
+            problem = ckpt.verify(path)
+            if problem:
+                raise ValueError(f"checkpoint.resume: {path} is not a complete checkpoint: {problem}")
+        manifest = ckpt.read_manifest(path)
+        common = self.engine.load(os.path.join(path, "model"))
+        self.step = int(common["step"])
+        same_layout = manifest.get("layout") == self.layout
+        if same_layout:
+            ckpt.load_rng(path, self.rank)
+        self.history.resumed_from, self.history.start_step = path, self.step
+        self.log(f"resumed from {path} at step {self.step}"
+                 + ("" if same_layout else f" (layout {manifest.get('layout')} -> {self.layout}; RNG re-seeded)"))
+
+    def save(self) -> str | None:
+        c = self.run.checkpoint
+        if not c.dir or self.step == 0:
+            return None
+        tmp = ckpt.begin(c.dir, self.step)
+        common = {"step": self.step, "consumed_samples": self.step * self.run.train.global_batch_size}
+        self.engine.save(os.path.join(tmp, "model"), common)
+        ckpt.save_rng(tmp, self.rank)
+        path = ckpt.commit(c.dir, self.step, {"layout": self.layout, "run_name": self.run.run_name}, c.keep_last)
+        self.history.last_checkpoint = path
+        self.log(f"saved checkpoint {path}")
+        return path
+
+    # ------------------------------------------------------------------ loop
+
+    def train(self) -> History:
+        run, t = self.run, self.run.train
+        self.resume()
+        preempt = PreemptionHandler()
+        fpt = models_api().flops_per_token(self.model_cfg, t.seq_length)
+        meter = Throughput(fpt, self.world, peak_tflops(run.logging))
+        skipped_in_a_row = skipped_total = 0
+        interval_losses = []
+        try:
+            last = t.exit_at_step or t.steps
+            while self.step < last:
+                result = self.engine.train_step(self._global_batch(self.step), self.step)
+                self.step += 1
+                meter.add(t.global_batch_size * t.seq_length)
+                if result.skipped:
+                    skipped_in_a_row += 1
+                    skipped_total += 1
+                    msg = f"step {self.step}: non-finite loss or gradient (loss {result.loss})"
+                    if t.nan_policy == "abort" or skipped_in_a_row > t.max_skipped_steps:
+                        raise NonFiniteError(msg + "; aborting, the last good checkpoint is left intact")
+                    self.log(msg + "; step skipped")
+                else:
+                    skipped_in_a_row = 0
+                    self.history.losses[self.step] = result.loss
+                    self.history.grad_norms[self.step] = result.grad_norm
+                    interval_losses.append(result.loss)
+                if self.step % run.logging.interval == 0 or self.step == t.steps:
+                    m = {"loss": sum(interval_losses) / max(1, len(interval_losses)), "lr": result.lr,
+                         "grad_norm": result.grad_norm, "mem_gib": memory_gib(), "skipped": skipped_total,
+                         **meter.report()}
+                    interval_losses = []
+                    self.history.metrics = m
+                    self.log(format_line(self.step, t.steps, m))
+                    self.trackers.log({f"train/{k}": v for k, v in m.items()}, self.step)
+                if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.steps):
+                    meter.pause()
+                    v = self._validate()
+                    meter.resume()
+                    self.history.valid[self.step] = v
+                    self.log(f"step {self.step}/{t.steps} | validation loss {v:.4f}")
+                    self.trackers.log({"valid/loss": v}, self.step)
+                if preempt.should_stop():
+                    self.log(f"received signal {preempt.received or '(on another rank)'}: "
+                             f"checkpointing at step {self.step} and exiting")
+                    self.history.stopped_by_signal = True
+                    self.save()
+                    break
+                c = run.checkpoint
+                if c.save_interval and self.step % c.save_interval == 0 and self.step < last:
+                    meter.pause()
+                    self.save()
+                    meter.resume()
+            else:
+                if run.checkpoint.save_at_end:
+                    self.save()
+        finally:
+            preempt.restore()
+        self.history.final_step = self.step
+        return self.history
+
+    def close(self) -> None:
+        from megatron.core import parallel_state as ps
+
+        self.trackers.close()
+        if dist.is_initialized():
+            dist.barrier()
+        ps.destroy_model_parallel()
