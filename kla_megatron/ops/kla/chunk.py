@@ -1,0 +1,358 @@
+"""Triton training kernels for the KLA scan: fused forward and exact backward.
+
+Stages (kla_math.md §4–§5):
+
+1. ``_kla_fwd_kernel``: one program owns BP channels × all S states of one (sequence,
+   head) and walks time with the covariance-form state (σ, μ) in fp32 registers,
+   writing y, y_var and, every CHUNK tokens, a checkpoint of the state. [B, L, H, P, S]
+   never touches memory.
+2. ``_kla_bwd_kernel``: walks the chunks backwards; for each it replays the forward
+   from the checkpoint, keeping the CHUNK prior states in registers (an unrolled
+   tuple), then runs the contractive covariance-form adjoint recursion in reverse.
+   dv and dλv are reduced over S inside the program; dk and dq are reduced over the
+   program's channels, then either atomically added (fast) or written to a per-block
+   partial buffer and summed (``deterministic=True``, bitwise reproducible).
+   da and dp are accumulated in registers and written once per program.
+
+Packed sequences: all batch rows are viewed as one row of ``B·L`` tokens with
+``cu_seqlens`` (implicit ``[0, L, 2L, …]`` without packing), so one code path serves
+both. Checkpoint slot of chunk j of sequence n: ``n + (bos_n + j·CHUNK) // CHUNK``
+(collision-free for any segmentation; at most N + ceil(T / CHUNK) slots).
+
+Kernel naming: ``b_`` block values, ``p_`` pointers, ``o_`` offsets, ``m_`` masks,
+``i_`` program ids.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+CHUNK = 32
+
+
+@triton.jit
+def _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN: tl.constexpr):
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        eos = bos + T
+    return bos, eos
+
+
+@triton.jit
+def _kla_fwd_kernel(
+    v, lambda_v, k, q, a, p, lam0, eta0,
+    y, y_var, lam_t, eta_t, ck_sigma, ck_mu, cu_seqlens,
+    T, H: tl.constexpr, P: tl.constexpr, S: tl.constexpr,
+    BP: tl.constexpr, BS: tl.constexpr, CHUNK: tl.constexpr,
+    USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
+    SAVE_CHECKPOINTS: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    i_nh, i_p = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, eos = _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
+
+    o_p = i_p * BP + tl.arange(0, BP)
+    o_s = tl.arange(0, BS)
+    m_p, m_s = o_p < P, o_s < S
+    m_ps = m_p[:, None] & m_s[None, :]
+    o_ps = o_p[:, None] * S + o_s[None, :]
+
+    b_a = tl.load(a + i_h * P * S + o_ps, mask=m_ps, other=1.0).to(tl.float32)
+    b_noise = tl.load(p + i_h * P * S + o_ps, mask=m_ps, other=0.0).to(tl.float32)
+    b_a2 = b_a * b_a
+    o_state = (i_n * H + i_h) * P * S + o_ps
+    if USE_INITIAL_STATE:
+        b_lam = tl.load(lam0 + o_state, mask=m_ps, other=1.0).to(tl.float32)
+        b_eta = tl.load(eta0 + o_state, mask=m_ps, other=0.0).to(tl.float32)
+        b_sigma = 1.0 / b_lam
+        b_mu = b_eta * b_sigma
+    else:
+        b_sigma = tl.full([BP, BS], 1.0, tl.float32)
+        b_mu = tl.zeros([BP, BS], tl.float32)
+
+    slot = i_n + bos // CHUNK
+    for t0 in range(bos, eos, CHUNK):
+        if SAVE_CHECKPOINTS:
+            o_ck = (slot * H + i_h) * P * S + o_ps
+            tl.store(ck_sigma + o_ck, b_sigma, mask=m_ps)
+            tl.store(ck_mu + o_ck, b_mu, mask=m_ps)
+        slot += 1
+        for t in range(t0, tl.minimum(t0 + CHUNK, eos)):
+            o_tp = (t * H + i_h) * P + o_p
+            o_ts = (t * H + i_h) * S + o_s
+            b_v = tl.load(v + o_tp, mask=m_p, other=0.0).to(tl.float32)
+            b_lv = tl.load(lambda_v + o_tp, mask=m_p, other=0.0).to(tl.float32)
+            b_k = tl.load(k + o_ts, mask=m_s, other=0.0).to(tl.float32)
+            b_q = tl.load(q + o_ts, mask=m_s, other=0.0).to(tl.float32)
+            b_phi = b_lv[:, None] * (b_k * b_k)[None, :]
+            b_r = (b_v * b_lv)[:, None] * b_k[None, :]
+            b_prior = b_a2 * b_sigma + b_noise
+            b_iota = 1.0 / (1.0 + b_phi * b_prior)
+            b_sigma = b_prior * b_iota
+            b_mu = (b_a * b_mu + b_r * b_prior) * b_iota
+            b_y = tl.sum(b_q[None, :] * b_mu, axis=1)
+            b_yv = tl.sum((b_q * b_q)[None, :] * b_sigma, axis=1)
+            tl.store(y + o_tp, b_y.to(y.dtype.element_ty), mask=m_p)
+            tl.store(y_var + o_tp, b_yv.to(y_var.dtype.element_ty), mask=m_p)
+
+    if STORE_FINAL_STATE:
+        b_lam = 1.0 / b_sigma
+        tl.store(lam_t + o_state, b_lam, mask=m_ps)
+        tl.store(eta_t + o_state, b_mu * b_lam, mask=m_ps)
+
+
+@triton.jit
+def _kla_bwd_kernel(
+    v, lambda_v, k, q, a, p, lam0, eta0, lam_t, eta_t, ck_sigma, ck_mu, cu_seqlens,
+    d_y, d_yvar, d_lam_t, d_eta_t,
+    d_v, d_lv, d_k, d_q, d_a, d_p, d_lam0, d_eta0,
+    T, n_tokens, H: tl.constexpr, P: tl.constexpr, S: tl.constexpr,
+    BP: tl.constexpr, BS: tl.constexpr, CHUNK: tl.constexpr,
+    USE_INITIAL_STATE: tl.constexpr, USE_FINAL_STATE_GRAD: tl.constexpr,
+    IS_VARLEN: tl.constexpr, DETERMINISTIC: tl.constexpr, N_PBLOCKS: tl.constexpr,
+):
+    i_nh, i_p = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, eos = _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
+
+    o_p = i_p * BP + tl.arange(0, BP)
+    o_s = tl.arange(0, BS)
+    m_p, m_s = o_p < P, o_s < S
+    m_ps = m_p[:, None] & m_s[None, :]
+    o_ps = o_p[:, None] * S + o_s[None, :]
+    b_a = tl.load(a + i_h * P * S + o_ps, mask=m_ps, other=1.0).to(tl.float32)
+    b_noise = tl.load(p + i_h * P * S + o_ps, mask=m_ps, other=0.0).to(tl.float32)
+    b_a2 = b_a * b_a
+    o_state = (i_n * H + i_h) * P * S + o_ps
+
+    # Carries: cM = a·ι_{t+1}·M̄_{t+1}, cS = a²·P̄_{t+1}; seeded by the final-state cotangent.
+    b_cM = tl.zeros([BP, BS], tl.float32)
+    b_cS = tl.zeros([BP, BS], tl.float32)
+    n_chunks = tl.cdiv(eos - bos, CHUNK)
+    if USE_FINAL_STATE_GRAD:
+        # (λ, η) = (1/σ, μ/σ): dσ = −(ḡλ + ḡη·μ)·λ², dμ = ḡη·λ.
+        b_lam = tl.load(lam_t + o_state, mask=m_ps, other=1.0)
+        b_eta = tl.load(eta_t + o_state, mask=m_ps, other=0.0)
+        b_glam = tl.load(d_lam_t + o_state, mask=m_ps, other=0.0).to(tl.float32)
+        b_geta = tl.load(d_eta_t + o_state, mask=m_ps, other=0.0).to(tl.float32)
+        b_cM = b_geta * b_lam
+        b_cS = -(b_glam + b_geta * b_eta / b_lam) * b_lam * b_lam
+
+    b_da = tl.zeros([BP, BS], tl.float32)
+    b_dp = tl.zeros([BP, BS], tl.float32)
+    for j in range(n_chunks - 1, -1, -1):
+        t0 = bos + j * CHUNK
+        o_ck = ((i_n + t0 // CHUNK) * H + i_h) * P * S + o_ps
+        b_sigma = tl.load(ck_sigma + o_ck, mask=m_ps, other=1.0)
+        b_mu = tl.load(ck_mu + o_ck, mask=m_ps, other=0.0)
+        # Replay: keep the prior state of every step of the chunk in registers.
+        hist_sigma = ()
+        hist_mu = ()
+        for i in tl.static_range(CHUNK):
+            t = t0 + i
+            m_tp = m_p & ((o_p * 0 + t) < eos)
+            m_ts = m_s & ((o_s * 0 + t) < eos)
+            hist_sigma = hist_sigma + (b_sigma,)
+            hist_mu = hist_mu + (b_mu,)
+            o_tp = (t * H + i_h) * P + o_p
+            o_ts = (t * H + i_h) * S + o_s
+            b_v = tl.load(v + o_tp, mask=m_tp, other=0.0).to(tl.float32)
+            b_lv = tl.load(lambda_v + o_tp, mask=m_tp, other=0.0).to(tl.float32)
+            b_k = tl.load(k + o_ts, mask=m_ts, other=0.0).to(tl.float32)
+            b_phi = b_lv[:, None] * (b_k * b_k)[None, :]
+            b_r = (b_v * b_lv)[:, None] * b_k[None, :]
+            b_prior = b_a2 * b_sigma + b_noise
+            b_iota = 1.0 / (1.0 + b_phi * b_prior)
+            b_sigma = b_prior * b_iota
+            b_mu = (b_a * b_mu + b_r * b_prior) * b_iota
+        for ii in tl.static_range(CHUNK):
+            i = CHUNK - 1 - ii
+            t = t0 + i
+            m_tp = m_p & ((o_p * 0 + t) < eos)
+            m_ts = m_s & ((o_s * 0 + t) < eos)
+            m_t = (o_ps * 0 + t) < eos  # this step is real (not padding past the sequence end)
+            o_tp = (t * H + i_h) * P + o_p
+            o_ts = (t * H + i_h) * S + o_s
+            b_v = tl.load(v + o_tp, mask=m_tp, other=0.0).to(tl.float32)
+            b_lv = tl.load(lambda_v + o_tp, mask=m_tp, other=0.0).to(tl.float32)
+            b_k = tl.load(k + o_ts, mask=m_ts, other=0.0).to(tl.float32)
+            b_q = tl.load(q + o_ts, mask=m_ts, other=0.0).to(tl.float32)
+            b_gy = tl.load(d_y + o_tp, mask=m_tp, other=0.0).to(tl.float32)
+            b_gv = tl.load(d_yvar + o_tp, mask=m_tp, other=0.0).to(tl.float32)
+            b_sp = hist_sigma[i]
+            b_mp = hist_mu[i]
+            b_vlv = b_v * b_lv
+            b_phi = b_lv[:, None] * (b_k * b_k)[None, :]
+            b_r = b_vlv[:, None] * b_k[None, :]
+            b_prior = b_a2 * b_sp + b_noise
+            b_iota = 1.0 / (1.0 + b_phi * b_prior)
+            b_sigma = b_prior * b_iota
+            b_mu = (b_a * b_mp + b_r * b_prior) * b_iota
+
+            b_M = b_gy[:, None] * b_q[None, :] + b_cM
+            b_S = b_gv[:, None] * (b_q * b_q)[None, :] + b_cS
+            b_P = b_iota * (b_iota * b_S + (b_r - b_phi * b_mu) * b_M)
+            b_dphi = -b_sigma * (b_sigma * b_S + b_mu * b_M)
+            b_dr = b_sigma * b_M
+            # Padding steps (t ≥ eos) must leave the carries untouched.
+            b_cM = tl.where(m_t, b_a * b_iota * b_M, b_cM)
+            b_cS = tl.where(m_t, b_a2 * b_P, b_cS)
+            b_da += tl.where(m_t, 2.0 * b_a * b_sp * b_P + b_iota * b_mp * b_M, 0.0)
+            b_dp += tl.where(m_t, b_P, 0.0)
+
+            b_dvlv = tl.sum(b_dr * b_k[None, :], axis=1)
+            b_dlv = tl.sum(b_dphi * (b_k * b_k)[None, :], axis=1) + b_v * b_dvlv
+            tl.store(d_v + o_tp, (b_lv * b_dvlv).to(d_v.dtype.element_ty), mask=m_tp)
+            tl.store(d_lv + o_tp, b_dlv.to(d_lv.dtype.element_ty), mask=m_tp)
+            b_dk = tl.sum(2.0 * b_lv[:, None] * b_k[None, :] * b_dphi + b_vlv[:, None] * b_dr, axis=0)
+            b_dq = tl.sum(b_gy[:, None] * b_mu + 2.0 * b_gv[:, None] * b_q[None, :] * b_sigma, axis=0)
+            if DETERMINISTIC or N_PBLOCKS == 1:
+                # One partial row per channel block: [N_PBLOCKS, tokens, H, S], summed outside.
+                o_part = i_p.to(tl.int64) * n_tokens * H * S + o_ts
+                tl.store(d_k + o_part, b_dk, mask=m_ts)
+                tl.store(d_q + o_part, b_dq, mask=m_ts)
+            else:
+                tl.atomic_add(d_k + o_ts, b_dk, mask=m_ts, sem="relaxed")
+                tl.atomic_add(d_q + o_ts, b_dq, mask=m_ts, sem="relaxed")
+
+    o_param = (i_n * H + i_h) * P * S + o_ps
+    tl.store(d_a + o_param, b_da, mask=m_ps)
+    tl.store(d_p + o_param, b_dp, mask=m_ps)
+    if USE_INITIAL_STATE:
+        b_lam = tl.load(lam0 + o_state, mask=m_ps, other=1.0).to(tl.float32)
+        b_eta = tl.load(eta0 + o_state, mask=m_ps, other=0.0).to(tl.float32)
+        b_s0 = 1.0 / b_lam
+        b_m0 = b_eta * b_s0
+        tl.store(d_lam0 + o_state, -b_s0 * (b_s0 * b_cS + b_m0 * b_cM), mask=m_ps)
+        tl.store(d_eta0 + o_state, b_s0 * b_cM, mask=m_ps)
+
+
+def _blocks(P: int, S: int, lanes: int):
+    BS = triton.next_power_of_2(S)
+    BP = max(1, min(triton.next_power_of_2(P), lanes // BS))
+    return BP, BS
+
+
+def _prepare(v, cu_seqlens):
+    """Flatten rows into one token axis; returns (n_seq, T per row or 0, cu_seqlens or dummy)."""
+    B, L = v.shape[:2]
+    if cu_seqlens is None:
+        return B, L, v.new_empty(1, dtype=torch.int32), False
+    return cu_seqlens.numel() - 1, 0, cu_seqlens.to(device=v.device, dtype=torch.int32).contiguous(), True
+
+
+def kla_fwd(v, lambda_v, k, q, a, p, lam0, eta0, cu_seqlens, output_final_state, save_checkpoints):
+    B, L, H, P = v.shape
+    S = k.shape[-1]
+    n_seq, T, cu, is_varlen = _prepare(v, cu_seqlens)
+    y = torch.empty_like(v)
+    y_var = torch.empty_like(v)
+    state_shape = (n_seq, H, P, S)
+    lam_t = v.new_empty(state_shape, dtype=torch.float32) if output_final_state else y
+    eta_t = v.new_empty(state_shape, dtype=torch.float32) if output_final_state else y
+    n_slots = n_seq + triton.cdiv(B * L, CHUNK)
+    ck_shape = (n_slots, H, P, S) if save_checkpoints else (1,)
+    ck_sigma = v.new_empty(ck_shape, dtype=torch.float32)
+    ck_mu = v.new_empty(ck_shape, dtype=torch.float32)
+    BP, BS = _blocks(P, S, 256)
+    grid = (n_seq * H, triton.cdiv(P, BP))
+    _kla_fwd_kernel[grid](
+        v, lambda_v, k, q, a, p,
+        lam0 if lam0 is not None else y, eta0 if eta0 is not None else y,
+        y, y_var, lam_t, eta_t, ck_sigma, ck_mu, cu,
+        T, H=H, P=P, S=S, BP=BP, BS=BS, CHUNK=CHUNK,
+        USE_INITIAL_STATE=lam0 is not None, STORE_FINAL_STATE=output_final_state,
+        SAVE_CHECKPOINTS=save_checkpoints, IS_VARLEN=is_varlen, num_warps=4,
+    )
+    final = (lam_t, eta_t) if output_final_state else None
+    return y, y_var, final, (ck_sigma, ck_mu)
+
+
+def kla_bwd(v, lambda_v, k, q, a, p, lam0, eta0, final, checkpoints, cu_seqlens,
+            d_y, d_yvar, d_lam_t, d_eta_t, deterministic):
+    B, L, H, P = v.shape
+    S = k.shape[-1]
+    n_seq, T, cu, is_varlen = _prepare(v, cu_seqlens)
+    BP, BS = _blocks(P, S, 128)
+    n_pblocks = triton.cdiv(P, BP)
+    partial = deterministic or n_pblocks == 1
+    f32 = dict(dtype=torch.float32, device=v.device)
+    dk_shape = (n_pblocks, B * L, H, S) if partial else (B * L, H, S)
+    d_k = torch.empty(dk_shape, **f32) if partial else torch.zeros(dk_shape, **f32)
+    d_q = torch.empty(dk_shape, **f32) if partial else torch.zeros(dk_shape, **f32)
+    d_v = torch.empty_like(v)
+    d_lv = torch.empty_like(lambda_v)
+    d_a = torch.empty(n_seq, H, P, S, **f32)
+    d_p = torch.empty(n_seq, H, P, S, **f32)
+    use_state = lam0 is not None
+    d_lam0 = torch.empty(n_seq, H, P, S, **f32) if use_state else d_a
+    d_eta0 = torch.empty(n_seq, H, P, S, **f32) if use_state else d_a
+    use_final_grad = d_lam_t is not None or d_eta_t is not None
+    if use_final_grad:
+        d_lam_t = torch.zeros_like(final[0]) if d_lam_t is None else d_lam_t.contiguous()
+        d_eta_t = torch.zeros_like(final[1]) if d_eta_t is None else d_eta_t.contiguous()
+    lam_t, eta_t = final if final is not None else (d_a, d_a)
+    grid = (n_seq * H, n_pblocks)
+    _kla_bwd_kernel[grid](
+        v, lambda_v, k, q, a, p,
+        lam0 if use_state else d_a, eta0 if use_state else d_a, lam_t, eta_t,
+        checkpoints[0], checkpoints[1], cu,
+        d_y, d_yvar, d_lam_t if use_final_grad else d_a, d_eta_t if use_final_grad else d_a,
+        d_v, d_lv, d_k, d_q, d_a, d_p, d_lam0, d_eta0,
+        T, B * L, H=H, P=P, S=S, BP=BP, BS=BS, CHUNK=CHUNK,
+        USE_INITIAL_STATE=use_state, USE_FINAL_STATE_GRAD=use_final_grad,
+        IS_VARLEN=is_varlen, DETERMINISTIC=deterministic, N_PBLOCKS=n_pblocks, num_warps=4,
+    )
+    if partial:
+        d_k, d_q = d_k.sum(0), d_q.sum(0)
+    d_k = d_k.view(B, L, H, S).to(k.dtype)
+    d_q = d_q.view(B, L, H, S).to(q.dtype)
+    d_a = d_a.sum(0).to(a.dtype)
+    d_p = d_p.sum(0).to(p.dtype)
+    d_state = (d_lam0.to(lam0.dtype), d_eta0.to(eta0.dtype)) if use_state else (None, None)
+    return d_v, d_lv, d_k, d_q, d_a, d_p, *d_state
+
+
+class KLAScanFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, v, lambda_v, k, q, a, p, lam0, eta0, cu_seqlens, output_final_state, deterministic):
+        need_grad = any(ctx.needs_input_grad[:8])
+        y, y_var, final, ck = kla_fwd(
+            v, lambda_v, k, q, a, p, lam0, eta0, cu_seqlens, output_final_state, need_grad
+        )
+        ctx.save_for_backward(v, lambda_v, k, q, a, p, lam0, eta0, *(final or ()), *ck, cu_seqlens)
+        ctx.has_final = final is not None
+        ctx.deterministic = deterministic
+        if output_final_state:
+            return y, y_var, final[0], final[1]
+        return y, y_var, None, None
+
+    @staticmethod
+    def backward(ctx, d_y, d_yvar, d_lam_t, d_eta_t):
+        v, lambda_v, k, q, a, p, lam0, eta0, *rest = ctx.saved_tensors
+        final = (rest[0], rest[1]) if ctx.has_final else None
+        ck = tuple(rest[-3:-1])
+        cu_seqlens = rest[-1]
+        grads = kla_bwd(
+            v, lambda_v, k, q, a, p, lam0, eta0, final, ck, cu_seqlens,
+            d_y.contiguous(), d_yvar.contiguous(), d_lam_t, d_eta_t, ctx.deterministic,
+        )
+        return (*grads, None, None, None)
+
+
+def triton_kla_scan(v, lambda_v, k, q, a, p, initial_state=None, output_final_state=False,
+                    cu_seqlens=None, deterministic=False):
+    """Triton backend of :func:`kla_megatron.ops.kla.kla_scan` (inputs already validated)."""
+    if v.dtype == torch.float64:
+        raise ValueError("kla_scan: the Triton backend computes in fp32; use backend='torch' for float64")
+    v, lambda_v, k, q = (x.contiguous() for x in (v, lambda_v, k, q))
+    a, p = a.float().contiguous(), p.float().contiguous()
+    lam0, eta0 = (s.float().contiguous() for s in initial_state) if initial_state is not None else (None, None)
+    y, y_var, lam, eta = KLAScanFunction.apply(
+        v, lambda_v, k, q, a, p, lam0, eta0, cu_seqlens, output_final_state, deterministic
+    )
+    return y, y_var, ((lam, eta) if output_final_state else None)
