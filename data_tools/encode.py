@@ -1,0 +1,88 @@
+"""Worker side of ``preprocess``: decode and tokenize one chunk of raw documents.
+
+Runs in spawned worker processes (or in-process with one worker), so it imports only
+numpy and sentencepiece. A chunk's result depends only on the chunk, which is what makes
+multi-worker output byte-identical to single-worker output.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+from .inputs import Problem, decode_document
+from .sentences import split_sentences
+
+
+@dataclass
+class Chunk:
+    """Consecutive raw documents of one file, in file order."""
+
+    path: str
+    fmt: str
+    docs: List[Tuple[int, bytes]]  # (line number, raw bytes)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(raw) for _, raw in self.docs)
+
+
+@dataclass
+class EncodedChunk:
+    """Token ids of a chunk's good documents, laid out as the indexed dataset wants them.
+
+    ``tokens`` is all sequences back to back; ``sequence_lengths[i]`` is the length of
+    sequence i (a sentence, or a whole document); ``sequences_per_document[j]`` is how
+    many sequences document j has. The EOD id ends each document's last sequence.
+    """
+
+    tokens: np.ndarray
+    sequence_lengths: np.ndarray
+    sequences_per_document: np.ndarray
+    nbytes: int
+    problems: List[Problem] = field(default_factory=list)
+
+
+_STATE: dict = {}
+
+
+def init_worker(model_path: str, json_key: str, split: bool) -> None:
+    """Load the tokenizer once per worker process."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=model_path)
+    eod = sp.eos_id()
+    if eod < 0:
+        raise ValueError(f"tokenizer {model_path} has no EOS piece to use as EOD; retrain it with an --eos-id")
+    _STATE.update(sp=sp, eod=eod, json_key=json_key, split=split)
+
+
+def encode_chunk(chunk: Chunk) -> EncodedChunk:
+    sp, eod, split = _STATE["sp"], _STATE["eod"], _STATE["split"]
+    texts: List[str] = []
+    per_doc: List[int] = []
+    problems: List[Problem] = []
+    for lineno, raw in chunk.docs:
+        text, kind, detail = decode_document(raw, chunk.fmt, _STATE["json_key"])
+        if text is None:
+            problems.append(Problem(chunk.path, lineno, kind, detail))
+            continue
+        pieces: Optional[List[str]] = split_sentences(text) if split else None
+        texts.extend(pieces if pieces is not None else (text,))
+        per_doc.append(len(pieces) if pieces is not None else 1)
+
+    ids = sp.encode(texts, out_type=int) if texts else []
+    # EOD closes the document: append it to each document's last sequence.
+    last = np.cumsum(per_doc, dtype=np.int64) - 1
+    for i in last.tolist():
+        ids[i].append(eod)
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    flat = np.concatenate([np.asarray(x, dtype=np.int32) for x in ids]) if ids else np.zeros(0, np.int32)
+    return EncodedChunk(
+        tokens=flat,
+        sequence_lengths=lengths,
+        sequences_per_document=np.asarray(per_doc, dtype=np.int64),
+        nbytes=chunk.nbytes,
+        problems=problems,
+    )

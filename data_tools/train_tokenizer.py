@@ -1,0 +1,315 @@
+"""Train a sentencepiece tokenizer (BPE or unigram) on JSONL or plain-text corpora.
+
+Writes ``<prefix>.model``, ``<prefix>.vocab`` and ``<prefix>.json`` (what was trained, on
+what, and the special-token ids). Defaults are lossless: identity normalisation, no
+whitespace folding, byte fallback, and ``\\n`` as its own piece, so
+``decode(encode(text)) == text`` for any text; ``--normalization``/
+``--remove-extra-whitespaces``/``--no-byte-fallback`` make it lossy on request.
+
+Training sentences are the non-empty lines of the documents; a uniform sample
+(reservoir, ``--seed``) of at most ``--max-sentences`` of them is kept in memory, so the
+corpus itself can be any size.
+
+    python -m data_tools.train_tokenizer --input 'corpus/*.jsonl' --vocab-size 32000 \\
+        --output-prefix tok/corpus32k
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import List, Optional
+
+from .inputs import FORMATS, POLICIES, TEXT_MODES, BadInputError, Problem, decode_document, expand_inputs, \
+    iter_raw_documents, resolve_format
+
+NORMALIZATIONS = ("identity", "nfkc", "nmt_nfkc", "nfkc_cf", "nmt_nfkc_cf")
+MODEL_TYPES = ("bpe", "unigram")
+ROUND_TRIP_CHECK_DOCS = 1000
+
+
+@dataclass(kw_only=True)
+class TokenizerConfig:
+    """One tokenizer training job."""
+
+    inputs: List[str]
+    """Input files or globs."""
+    output_prefix: str
+    """Writes ``<output_prefix>.model/.vocab/.json``."""
+    input_format: str = "auto"
+    json_key: str = "text"
+    text_mode: str = "line"
+    model_type: str = "bpe"
+    vocab_size: int = 32000
+    character_coverage: float = 0.9999
+    """Fraction of characters covered by pieces; the rest fall back to bytes."""
+    byte_fallback: bool = True
+    """Encode characters outside the vocabulary as UTF-8 byte pieces (needed to be lossless)."""
+    max_sentences: int = 2_000_000
+    """Training sample size (lines)."""
+    max_sentence_length: int = 16384
+    """Longer lines (in bytes) are left out of the sample and counted."""
+    max_documents: Optional[int] = None
+    """Stop reading after this many good documents (default: read everything)."""
+    seed: int = 0
+    unk_id: int = 0
+    bos_id: int = 1
+    eos_id: int = 2
+    """The EOS piece ``</s>`` is the EOD token of preprocessed datasets."""
+    pad_id: int = 3
+    """-1 for no pad piece (as for bos_id)."""
+    user_defined_symbols: List[str] = field(default_factory=list)
+    """Pieces always kept whole (e.g. chat markers)."""
+    control_symbols: List[str] = field(default_factory=list)
+    """Pieces only inserted by id, never produced from text."""
+    newline_symbol: bool = True
+    """Make ``\\n`` a piece of its own (training sentences are lines, so it is never learned)."""
+    normalization: str = "identity"
+    remove_extra_whitespaces: bool = False
+    add_dummy_prefix: bool = True
+    split_digits: bool = True
+    num_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    on_error: str = "skip"
+    overwrite: bool = False
+    verbose: bool = False
+
+    def __post_init__(self):
+        for name, value, allowed in (("--input-format", self.input_format, FORMATS),
+                                     ("--text-mode", self.text_mode, TEXT_MODES),
+                                     ("--model-type", self.model_type, MODEL_TYPES),
+                                     ("--normalization", self.normalization, NORMALIZATIONS),
+                                     ("--on-error", self.on_error, POLICIES)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if self.vocab_size < 8:
+            raise ValueError(f"--vocab-size must be >= 8, got {self.vocab_size}")
+        if not 0.0 < self.character_coverage <= 1.0:
+            raise ValueError(f"--character-coverage must be in (0, 1], got {self.character_coverage}")
+        if self.max_sentences < 1:
+            raise ValueError(f"--max-sentences must be >= 1, got {self.max_sentences}")
+        if self.eos_id < 0:
+            raise ValueError("--eos-id must be >= 0: preprocess uses the EOS piece as the EOD token")
+        ids = [i for i in (self.unk_id, self.bos_id, self.eos_id, self.pad_id) if i >= 0]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"special token ids must differ, got unk={self.unk_id} bos={self.bos_id} "
+                             f"eos={self.eos_id} pad={self.pad_id}")
+
+    @property
+    def lossless(self) -> bool:
+        return self.normalization == "identity" and not self.remove_extra_whitespaces and self.byte_fallback
+
+
+@dataclass
+class SampleStats:
+    documents: int = 0
+    sentences_seen: int = 0
+    sentences_sampled: int = 0
+    too_long: int = 0
+    skipped: dict = field(default_factory=dict)
+
+
+def sample_sentences(cfg: TokenizerConfig, paths: List[str]):
+    """Reservoir-sample training lines; also keep a few whole documents for the round-trip check."""
+    rng = random.Random(cfg.seed)
+    sample: List[str] = []
+    check_docs: List[str] = []
+    stats = SampleStats()
+    skipped: Counter = Counter()
+    for path in paths:
+        fmt = resolve_format(path, cfg.input_format)
+        for lineno, raw in iter_raw_documents(path, fmt, cfg.text_mode):
+            text, kind, detail = decode_document(raw, fmt, cfg.json_key)
+            if text is None:
+                problem = Problem(path, lineno, kind, detail)
+                if cfg.on_error == "fail":
+                    raise BadInputError(problem)
+                skipped[kind] += 1
+                if sum(skipped.values()) <= 20:
+                    print(f"skipped {problem}", file=sys.stderr)
+                continue
+            stats.documents += 1
+            if len(check_docs) < ROUND_TRIP_CHECK_DOCS:
+                check_docs.append(text)
+            for line in text.split("\n"):
+                if not line.strip():
+                    continue
+                if len(line.encode("utf-8")) > cfg.max_sentence_length:
+                    stats.too_long += 1
+                    continue
+                stats.sentences_seen += 1
+                if len(sample) < cfg.max_sentences:
+                    sample.append(line)
+                else:
+                    j = rng.randrange(stats.sentences_seen)
+                    if j < cfg.max_sentences:
+                        sample[j] = line
+            if cfg.max_documents is not None and stats.documents >= cfg.max_documents:
+                break
+        if cfg.max_documents is not None and stats.documents >= cfg.max_documents:
+            break
+    stats.sentences_sampled = len(sample)
+    stats.skipped = dict(skipped)
+    if not sample:
+        raise ValueError(f"no training text found in {len(paths)} input file(s) "
+                         f"({sum(skipped.values())} documents skipped as bad input)")
+    return sample, check_docs, stats
+
+
+def _trainer_kwargs(cfg: TokenizerConfig, model_prefix: str) -> dict:
+    user_symbols = (["\n"] if cfg.newline_symbol else []) + list(cfg.user_defined_symbols)
+    return dict(
+        model_prefix=model_prefix,
+        model_type=cfg.model_type,
+        vocab_size=cfg.vocab_size,
+        character_coverage=cfg.character_coverage,
+        byte_fallback=cfg.byte_fallback,
+        normalization_rule_name=cfg.normalization,
+        remove_extra_whitespaces=cfg.remove_extra_whitespaces,
+        add_dummy_prefix=cfg.add_dummy_prefix,
+        split_digits=cfg.split_digits,
+        # Code indentation and runs of spaces are real text: let them be pieces.
+        allow_whitespace_only_pieces=True,
+        max_sentence_length=cfg.max_sentence_length,
+        # We sampled already; sentencepiece must take all of it.
+        input_sentence_size=0,
+        shuffle_input_sentence=False,
+        seed_sentencepiece_size=max(1_000_000, cfg.vocab_size * 10),
+        unk_id=cfg.unk_id, bos_id=cfg.bos_id, eos_id=cfg.eos_id, pad_id=cfg.pad_id,
+        user_defined_symbols=user_symbols,
+        control_symbols=list(cfg.control_symbols),
+        num_threads=max(1, cfg.num_threads),
+        minloglevel=0 if cfg.verbose else 2,
+        # A sample too small for the vocabulary is an error, not a smaller vocabulary.
+        hard_vocab_limit=True,
+    )
+
+
+def _check_outputs_free(cfg: TokenizerConfig) -> None:
+    for ext in (".model", ".vocab", ".json"):
+        if os.path.exists(cfg.output_prefix + ext) and not cfg.overwrite:
+            raise ValueError(f"{cfg.output_prefix + ext} already exists; pass --overwrite to replace it")
+
+
+def train_tokenizer(cfg: TokenizerConfig) -> dict:
+    """Train, write ``.model/.vocab/.json``, and return the JSON description."""
+    import sentencepiece as spm
+
+    paths = expand_inputs(cfg.inputs)
+    _check_outputs_free(cfg)
+    start = time.perf_counter()
+    sample, check_docs, stats = sample_sentences(cfg, paths)
+    out_dir = os.path.dirname(os.path.abspath(cfg.output_prefix))
+    os.makedirs(out_dir, exist_ok=True)
+    # Train into a private folder next to the outputs, then rename: no half-written model.
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".tok-partial-") as tmp:
+        tmp_prefix = os.path.join(tmp, "m")
+        try:
+            spm.SentencePieceTrainer.train(sentence_iterator=iter(sample), **_trainer_kwargs(cfg, tmp_prefix))
+        except RuntimeError as e:
+            raise ValueError(f"sentencepiece training failed: {str(e).rstrip('.')}. With a small corpus, lower "
+                             f"--vocab-size (sampled {stats.sentences_sampled} lines)") from e
+        sp = spm.SentencePieceProcessor(model_file=tmp_prefix + ".model")
+        mismatches = sum(sp.decode(sp.encode(d)) != d for d in check_docs)
+        description = _describe(cfg, sp, paths, stats, mismatches, len(check_docs), time.perf_counter() - start)
+        with open(tmp_prefix + ".json", "w", encoding="utf-8") as f:
+            json.dump(description, f, indent=2, ensure_ascii=False)
+        for ext in (".vocab", ".json", ".model"):
+            shutil.move(tmp_prefix + ext, cfg.output_prefix + ext)
+    if mismatches and cfg.lossless:
+        print(f"warning: {mismatches}/{len(check_docs)} documents did not round-trip exactly", file=sys.stderr)
+    return description
+
+
+def _describe(cfg, sp, paths, stats, mismatches, checked, seconds) -> dict:
+    import sentencepiece as spm
+
+    def special(i):
+        return None if i < 0 else {"id": i, "piece": sp.id_to_piece(i)}
+
+    return {
+        "model_file": os.path.basename(cfg.output_prefix) + ".model",
+        "model_type": cfg.model_type,
+        "vocab_size": sp.get_piece_size(),
+        "special_tokens": {"unk": special(sp.unk_id()), "bos": special(sp.bos_id()), "eos": special(sp.eos_id()),
+                           "pad": special(sp.pad_id()), "eod": special(sp.eos_id())},
+        "user_defined_symbols": (["\n"] if cfg.newline_symbol else []) + list(cfg.user_defined_symbols),
+        "control_symbols": list(cfg.control_symbols),
+        "normalization": cfg.normalization,
+        "remove_extra_whitespaces": cfg.remove_extra_whitespaces,
+        "byte_fallback": cfg.byte_fallback,
+        "character_coverage": cfg.character_coverage,
+        "add_dummy_prefix": cfg.add_dummy_prefix,
+        "split_digits": cfg.split_digits,
+        "lossless": cfg.lossless,
+        "round_trip_check": {"documents": checked, "mismatches": mismatches},
+        "training_data": {"inputs": [os.path.abspath(p) for p in paths], "format": cfg.input_format,
+                          "json_key": cfg.json_key, "seed": cfg.seed, **asdict(stats)},
+        "seconds": round(seconds, 3),
+        "sentencepiece_version": spm.__version__,
+        "created_by": "data_tools.train_tokenizer",
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kla-train-tokenizer", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--input", dest="inputs", nargs="+", required=True, help="input files or globs (quote globs)")
+    p.add_argument("--output-prefix", required=True, help="writes <prefix>.model, <prefix>.vocab, <prefix>.json")
+    p.add_argument("--input-format", choices=FORMATS, default="auto")
+    p.add_argument("--json-key", default="text", help="JSONL field with the text")
+    p.add_argument("--text-mode", choices=TEXT_MODES, default="line", help="plain text: what a document is")
+    p.add_argument("--model-type", choices=MODEL_TYPES, default="bpe")
+    p.add_argument("--vocab-size", type=int, default=32000)
+    p.add_argument("--character-coverage", type=float, default=0.9999)
+    p.add_argument("--no-byte-fallback", dest="byte_fallback", action="store_false",
+                   help="unknown characters become <unk> (lossy)")
+    p.add_argument("--max-sentences", type=int, default=2_000_000, help="training sample size, in lines")
+    p.add_argument("--max-sentence-length", type=int, default=16384, help="longer lines (bytes) are not sampled")
+    p.add_argument("--max-documents", type=int, default=None, help="read at most this many documents")
+    p.add_argument("--seed", type=int, default=0)
+    for name, default in (("unk", 0), ("bos", 1), ("eos", 2), ("pad", 3)):
+        p.add_argument(f"--{name}-id", type=int, default=default,
+                       help=f"id of the {name} piece" + ("" if name in ("unk", "eos") else "; -1 for none"))
+    p.add_argument("--user-defined-symbols", nargs="*", default=[], help="pieces always kept whole")
+    p.add_argument("--control-symbols", nargs="*", default=[], help="pieces only inserted by id")
+    p.add_argument("--no-newline-symbol", dest="newline_symbol", action="store_false",
+                   help="do not reserve a piece for '\\n' (it then falls back to a byte)")
+    p.add_argument("--normalization", choices=NORMALIZATIONS, default="identity",
+                   help="anything but identity is lossy")
+    p.add_argument("--remove-extra-whitespaces", action="store_true", help="fold whitespace runs (lossy)")
+    p.add_argument("--no-dummy-prefix", dest="add_dummy_prefix", action="store_false",
+                   help="do not prepend a space to each text before encoding")
+    p.add_argument("--no-split-digits", dest="split_digits", action="store_false",
+                   help="allow multi-digit pieces")
+    p.add_argument("--num-threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--on-error", choices=POLICIES, default="skip", help="bad documents: skip (report, count) or fail")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--verbose", action="store_true", help="show sentencepiece's own log")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    cfg_kwargs = vars(build_parser().parse_args(argv))
+    try:
+        desc = train_tokenizer(TokenizerConfig(**cfg_kwargs))
+    except ValueError as e:
+        print(f"kla-train-tokenizer: error: {e}", file=sys.stderr)
+        return 1
+    td = desc["training_data"]
+    print(f"wrote {cfg_kwargs['output_prefix']}.model/.vocab/.json: {desc['model_type']} vocab {desc['vocab_size']}, "
+          f"{td['documents']} documents, {td['sentences_sampled']}/{td['sentences_seen']} lines sampled, "
+          f"{sum(td['skipped'].values())} bad documents skipped, round trip "
+          f"{desc['round_trip_check']['documents'] - desc['round_trip_check']['mismatches']}"
+          f"/{desc['round_trip_check']['documents']} exact, {desc['seconds']:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
