@@ -105,8 +105,6 @@ class TrainConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     """Global gradient-norm clip; 0 disables."""
-    ssm_lr_mult: float = 0.1
-    """Learning-rate multiplier for parameters the model marks as SSM (A_log, Δ, p); they get no weight decay."""
     precision: str = "bf16"
     """'bf16' (bf16 compute, fp32 master weights; the scan runs in fp32) or 'fp32'."""
     recompute: str = "none"

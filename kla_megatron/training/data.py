@@ -39,9 +39,7 @@ def _tokenizer(run: RunConfig, vocab_size: int):
 
 
 def build_datasets(run: RunConfig, vocab_size: int) -> Datasets:
-    """Build train/valid datasets with megatron's BlendedMegatronDatasetBuilder (rank 0 first
-    writes the index cache; the others then read it)."""
-    import torch.distributed as dist
+    """Build train/valid datasets with megatron's BlendedMegatronDatasetBuilder."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
@@ -62,8 +60,8 @@ def build_datasets(run: RunConfig, vocab_size: int) -> Datasets:
         blend = (prefixes, weights)
         cfg = GPTDatasetConfig(blend=blend, split=run.data.split, path_to_cache=cache, **common)
         cls = GPTDataset
-    rank0 = lambda: (not dist.is_initialized()) or dist.get_rank() == 0  # noqa: E731
-    train, valid, _ = BlendedMegatronDatasetBuilder(cls, [n_train, n_valid or None, None], rank0, cfg).build()
+    # Every rank reads its own batches; the builder lets rank 0 write the index cache first.
+    train, valid, _ = BlendedMegatronDatasetBuilder(cls, [n_train, n_valid or None, None], lambda: True, cfg).build()
     if train is None:
         raise ValueError("data: the train split is empty; give it a share in data.split")
     if n_valid and valid is None:

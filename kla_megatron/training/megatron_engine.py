@@ -44,6 +44,7 @@ class MegatronEngine:
         from megatron.core.transformer.module import Float16Module
 
         self.run, self.eod_id = run, eod_id
+        self.packed = run.data.packed_documents and run.data.kind == "indexed"
         t = run.train
         self.tc = transformer_config(run, model_cfg)
         chunks = build_model_chunks(run, model_cfg, self.tc)
@@ -68,7 +69,7 @@ class MegatronEngine:
             adam_beta2=t.adam_beta2, adam_eps=t.adam_eps, clip_grad=t.clip_grad, bf16=t.precision == "bf16",
             params_dtype=self.tc.params_dtype, use_distributed_optimizer=run.use_distributed_optimizer)
         self.optimizer = get_megatron_optimizer(ocfg, self.chunks,
-                                                config_overrides=megatron_config_overrides(t.ssm_lr_mult))
+                                                config_overrides=megatron_config_overrides(self.chunks))
         self.dp_group = ps.get_data_parallel_group(with_context_parallel=True)
         self.pp_group = ps.get_pipeline_model_parallel_group()
         self.is_last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
@@ -80,11 +81,14 @@ class MegatronEngine:
         dev = device()
         tokens, labels = batch["tokens"].to(dev), batch["labels"].to(dev)
         loss_mask = batch["loss_mask"].to(dev).float()
+        kwargs = {}
+        if self.packed:
+            # Packed sequences are one row (b=1) with cu_seqlens; every row end is a document
+            # end too, so flattening the micro-batch changes nothing but the layout.
+            kwargs["packed_seq_params"] = data_mod.packed_seq_params(tokens, self.eod_id)
+            tokens, labels, loss_mask = tokens.reshape(1, -1), labels.reshape(1, -1), loss_mask.reshape(1, -1)
         b, s = tokens.shape
         position_ids = torch.arange(s, device=dev).unsqueeze(0).expand(b, s)
-        kwargs = {}
-        if self.run.data.packed_documents and self.run.data.kind == "indexed":
-            kwargs["packed_seq_params"] = data_mod.packed_seq_params(tokens, self.eod_id)
         output = model(tokens, position_ids, None, labels=labels, **kwargs)
 
         def loss_func(output_tensor):
@@ -108,8 +112,9 @@ class MegatronEngine:
         out = get_forward_backward_func()(
             forward_step_func=self._forward_step,
             data_iterator=iterators if n_chunks > 1 else iterators[0],
-            model=self.chunks, num_microbatches=len(micro_batches), seq_length=t.seq_length,
-            micro_batch_size=t.micro_batch_size, forward_only=forward_only)
+            model=self.chunks, num_microbatches=len(micro_batches),
+            seq_length=t.seq_length * (t.micro_batch_size if self.packed else 1),
+            micro_batch_size=1 if self.packed else t.micro_batch_size, forward_only=forward_only)
         total = torch.zeros(2, dtype=torch.float64, device=device())
         for item in out or []:
             total += item["lm loss"].double()

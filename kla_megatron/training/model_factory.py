@@ -7,25 +7,32 @@ from .config import RunConfig
 
 
 def models_api():
-    """The model package (issue 4 contract): KLAModelConfig, build_kla_model, flops_per_token."""
-    import os
-    if os.environ.get("KLA_TRAIN_STANDIN"):
-        from . import _standin
-        return _standin
-    try:
-        from kla_megatron import models
-        from kla_megatron.compat.cpu import enable_cpu_megatron
-        models.enable_cpu_megatron = enable_cpu_megatron
-        models.load_model_config  # noqa: B018  (fail early if the contract is incomplete)
-        return models
-    except (ImportError, AttributeError):
-        from . import _standin  # development stand-in; removed once the model lands
+    """The model package: load_model_config, build_kla_model, flops_per_token."""
+    from kla_megatron import models
 
-        return _standin
+    return models
+
+
+def enable_cpu_megatron() -> None:
+    from kla_megatron.compat.cpu import enable_cpu_megatron as enable
+
+    enable()
 
 
 def load_model_config(run: RunConfig):
-    return models_api().load_model_config(run.model)
+    """The run's model config, with the vocabulary padded to a multiple of 128 so that the
+    embedding splits over any power-of-two tensor-parallel size (and so checkpoints reshard
+    between TP sizes: the padded size does not depend on TP)."""
+    import dataclasses
+    import math
+
+    try:
+        cfg = models_api().load_model_config(run.model)
+    except FileNotFoundError as exc:
+        raise ValueError(f"model: {exc}") from None
+    multiple = math.lcm(128, run.parallel.tensor)
+    padded = -(-cfg.vocab_size // multiple) * multiple
+    return dataclasses.replace(cfg, vocab_size=padded) if padded != cfg.vocab_size else cfg
 
 
 def transformer_config(run: RunConfig, model_cfg):

@@ -1,57 +1,52 @@
 """Parameter groups as in the KLA paper.
 
-- SSM parameters (the model tags them ``param.is_ssm_param = True``: A_log, Δ, p): lr × ``ssm_lr_mult``
-  (0.1 by default) and no weight decay; they set the recurrence's time scales and drift under
-  the full lr and decay.
-- Norm weights, biases and embeddings: no weight decay.
-- Everything else: full lr and weight decay.
+The model marks its parameters (see ``kla_megatron/layers/kla_mixer.py``):
+``param.lr_mult`` (the SSM parameters A_log, Δ, p get the model config's ``ssm_lr_mult``, 0.1 by
+default; they set the recurrence's time scales and drift under the full lr) and
+``param.no_weight_decay``. On top of that, norm weights, biases and embeddings get no weight
+decay. Each group carries ``lr_mult``/``wd_mult``, which
+:func:`kla_megatron.training.schedule.apply_lr` reads every step.
 """
 from __future__ import annotations
 
 import torch
 
-SSM_ATTR = "is_ssm_param"
-SSM_NAME_HINTS = ("A_log", "a_log", "dt_bias", "delta", "p_log")
-
-
-def is_ssm_param(name: str, param: torch.nn.Parameter) -> bool:
-    if hasattr(param, SSM_ATTR):
-        return bool(getattr(param, SSM_ATTR))
-    return False
-
 
 def is_no_decay(name: str, param: torch.nn.Parameter) -> bool:
+    if getattr(param, "no_weight_decay", False):
+        return True
     if param.ndim <= 1 or name.endswith(".bias") or "norm" in name.lower():
         return True
     # Input embeddings (and an output layer tied to them) are lookup tables, not projections.
     return "embedding" in name
 
 
-def group_multipliers(name: str, param: torch.nn.Parameter, ssm_lr_mult: float) -> tuple[float, float]:
+def group_multipliers(name: str, param: torch.nn.Parameter) -> tuple[float, float]:
     """(lr_mult, wd_mult) of one parameter."""
-    if is_ssm_param(name, param):
-        return ssm_lr_mult, 0.0
-    return 1.0, 0.0 if is_no_decay(name, param) else 1.0
+    return float(getattr(param, "lr_mult", 1.0)), 0.0 if is_no_decay(name, param) else 1.0
 
 
-def megatron_config_overrides(ssm_lr_mult: float) -> dict:
-    """ParamKey -> override map for ``get_megatron_optimizer``; groups carry lr_mult/wd_mult
-    which :func:`kla_megatron.training.schedule.apply_lr` reads."""
+def megatron_config_overrides(model_chunks) -> dict:
+    """ParamKey -> override map for ``get_megatron_optimizer``: one key per distinct
+    (lr_mult, wd_mult) pair that differs from (1, 1)."""
     from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
 
-    ssm = ParamWithNamePredicate(name="ssm", fn=lambda p, n: is_ssm_param(n, p))
-    no_decay = ParamWithNamePredicate(name="no_decay",
-                                      fn=lambda p, n: not is_ssm_param(n, p) and is_no_decay(n, p))
-    return {
-        ParamKey(with_name_predicate=ssm): {"lr_mult": ssm_lr_mult, "wd_mult": 0.0},
-        ParamKey(with_name_predicate=no_decay): {"wd_mult": 0.0},
-    }
+    pairs = sorted({group_multipliers(n, p) for chunk in model_chunks for n, p in chunk.named_parameters()})
+    overrides = {}
+    for lr_mult, wd_mult in pairs:
+        if (lr_mult, wd_mult) == (1.0, 1.0):
+            continue
+        pred = ParamWithNamePredicate(
+            name=f"lr{lr_mult}_wd{wd_mult}",
+            fn=lambda p, n, key=(lr_mult, wd_mult): group_multipliers(n, p) == key)
+        overrides[ParamKey(with_name_predicate=pred)] = {"lr_mult": lr_mult, "wd_mult": wd_mult}
+    return overrides
 
 
-def torch_param_groups(model: torch.nn.Module, ssm_lr_mult: float) -> list[dict]:
+def torch_param_groups(model: torch.nn.Module) -> list[dict]:
     """Plain torch param groups (DeepSpeed engine), in a deterministic order."""
     groups: dict[tuple[float, float], list] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            groups.setdefault(group_multipliers(name, param, ssm_lr_mult), []).append(param)
+            groups.setdefault(group_multipliers(name, param), []).append(param)
     return [{"params": ps, "lr_mult": lm, "wd_mult": wm} for (lm, wm), ps in sorted(groups.items())]

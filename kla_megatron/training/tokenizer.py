@@ -1,7 +1,7 @@
 """The training-side tokenizer: a thin megatron-core adapter over a sentencepiece ``.model``.
 
 The training config names the ``.model`` written by ``kla-train-tokenizer``;
-``build_tokenizer(path)`` returns an object that megatron-core's datasets accept
+``load_tokenizer(path)`` returns an object that megatron-core's datasets accept
 (``GPTDatasetConfig(tokenizer=...)``): it implements ``MegatronTokenizerBase`` (the type
 megatron-core 0.16+ datasets declare) and the legacy attribute set they read
 (``vocab_size``, ``eod``, ``pad``, ``unique_identifiers``...).
@@ -125,6 +125,9 @@ class SentencePieceTokenizer(MegatronTokenizerBase):
         raise NotImplementedError("SentencePieceTokenizer has no MASK token (GPT-style pretraining only)")
 
 
-def build_tokenizer(model_path: str) -> SentencePieceTokenizer:
+def load_tokenizer(model_path: str) -> SentencePieceTokenizer:
     """The tokenizer named by a training config (path of a sentencepiece ``.model``)."""
     return SentencePieceTokenizer(model_path)
+
+
+build_tokenizer = load_tokenizer

@@ -17,7 +17,7 @@ from . import checkpoint as ckpt
 from .config import RunConfig
 from .data import build_datasets, rank_micro_batches
 from .metrics import Throughput, Trackers, format_line, memory_gib, peak_tflops
-from .model_factory import load_model_config, models_api
+from .model_factory import enable_cpu_megatron, load_model_config, models_api
 from .preemption import PreemptionHandler
 
 
@@ -68,7 +68,7 @@ class Trainer:
 
         self.run = run
         init_distributed()
-        models_api().enable_cpu_megatron()
+        enable_cpu_megatron()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.dp = run.validate_world(self.world)
         t, p = run.train, run.parallel
