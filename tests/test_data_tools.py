@@ -1,0 +1,444 @@
+"""data_tools: tokenizer training, preprocess -> indexed dataset, merge/inspect, bad input,
+crash safety, and the megatron-core GPTDataset reading our output."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from data_tools.inputs import BadInputError
+from data_tools.preprocess import PreprocessConfig, preprocess
+from data_tools.sample_corpus import sample_documents, write_sample_corpus
+from data_tools.train_tokenizer import TokenizerConfig, train_tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+USER_SYMBOLS = ["<|user|>", "<|endoftext|>"]
+
+ROUND_TRIP_TEXTS = [
+    pytest.param("The quick brown fox jumps over the lazy dog.", id="ascii"),
+    pytest.param("Ünïcödé: naïve café, Straße, Ελληνικά, русский, 東京都, 한국어, 🙂🚀 👩‍👩‍👧", id="unicode"),
+    pytest.param("  leading, trailing  \t\t and   runs    of     spaces   ", id="whitespace-runs"),
+    pytest.param("line one\n\n\nline four\r\nwindows\rold-mac\n", id="newlines"),
+    pytest.param("def f(x):\n    return {'a': [x ** 2, x // 3]}  # comment\n\tif x:\n\t\tpass\n", id="code"),
+    pytest.param("\u00a0nbsp\u2009thin\u200bzero-width\ufeffbom ﬁ ligature Ⅻ ①", id="nfkc-sensitive"),
+    pytest.param(" x", id="leading-space"),
+    pytest.param("<|user|> hi<|endoftext|>", id="user-symbols"),
+    pytest.param("", id="empty"),
+]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Sample JSONL + a small BPE tokenizer trained on it (about a second)."""
+    d = tmp_path_factory.mktemp("corpus")
+    jsonl = write_sample_corpus(str(d / "sample.jsonl"))
+    desc = train_tokenizer(TokenizerConfig(inputs=[jsonl], output_prefix=str(d / "tok"), vocab_size=1024,
+                                           user_defined_symbols=USER_SYMBOLS, num_threads=1))
+    return {"dir": d, "jsonl": jsonl, "model": str(d / "tok.model"), "desc": desc}
+
+
+def _sp(model):
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=model)
+
+
+def _run(cfg_kwargs, **over) -> "object":
+    return preprocess(PreprocessConfig(**{"progress": False, **cfg_kwargs, **over}))
+
+
+def _read_docs(prefix):
+    """Documents of an indexed dataset as lists of sequences (lists of ids)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(prefix)
+    di = ds.document_indices
+    return [[ds[s].tolist() for s in range(di[d], di[d + 1])] for d in range(len(di) - 1)]
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+@pytest.mark.parametrize("text", ROUND_TRIP_TEXTS)
+def test_tokenizer_round_trip(corpus, text):
+    from kla_megatron.training.tokenizer import load_tokenizer
+
+    sp, tok = _sp(corpus["model"]), load_tokenizer(corpus["model"])
+    assert sp.decode(sp.encode(text)) == text
+    ids = tok.tokenize(text)
+    assert tok.detokenize(np.asarray(ids)) == text
+    assert all(0 <= i < tok.vocab_size for i in ids)
+
+
+def test_tokenizer_special_tokens_and_description(corpus):
+    from kla_megatron.training.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(corpus["model"])
+    sp = _sp(corpus["model"])
+    assert (tok.unk, tok.bos, tok.eos, tok.pad, tok.eod) == (0, 1, 2, 3, 2)
+    assert [sp.id_to_piece(i) for i in range(4)] == ["<unk>", "<s>", "</s>", "<pad>"]
+    assert tok.vocab_size == 1024 and len(tok.vocab) == 1024 and tok.inv_vocab[2] == "</s>"
+    for sym in USER_SYMBOLS + ["\n"]:
+        ids = sp.encode(sym)
+        assert [sp.id_to_piece(i) for i in ids if sp.id_to_piece(i) != "▁"] == [sym]
+    desc = json.load(open(corpus["dir"] / "tok.json"))
+    assert desc == corpus["desc"]
+    assert desc["special_tokens"]["eod"] == {"id": 2, "piece": "</s>"}
+    assert desc["lossless"] and desc["normalization"] == "identity"
+    assert desc["round_trip_check"] == {"documents": len(sample_documents()), "mismatches": 0}
+    assert desc["training_data"]["documents"] == len(sample_documents())
+    # The adapter pickles (data loader workers) and names its model in the dataset cache key.
+    import pickle
+
+    tok2 = pickle.loads(pickle.dumps(tok))
+    assert tok2.tokenize("hello there") == tok.tokenize("hello there")
+    assert tok.unique_identifiers["tokenizer_path"] == corpus["model"]
+    with pytest.raises(NotImplementedError, match="CLS"):
+        tok.cls
+
+
+def test_tokenizer_sampling_pad_off_and_lossy_on_request(corpus, tmp_path):
+    desc = train_tokenizer(TokenizerConfig(inputs=[corpus["jsonl"]], output_prefix=str(tmp_path / "t"),
+                                           vocab_size=600, max_sentences=500, pad_id=-1,
+                                           normalization="nfkc", num_threads=1))
+    td = desc["training_data"]
+    assert td["sentences_sampled"] == 500 < td["sentences_seen"]
+    assert desc["special_tokens"]["pad"] is None and not desc["lossless"]
+    sp = _sp(str(tmp_path / "t.model"))
+    assert sp.decode(sp.encode("ﬁ Ⅻ")) != "ﬁ Ⅻ"  # NFKC folds these: lossy, as asked
+    from kla_megatron.training.tokenizer import load_tokenizer
+
+    with pytest.raises(ValueError, match="no pad piece"):
+        load_tokenizer(str(tmp_path / "t.model")).pad
+    with pytest.raises(ValueError, match="already exists"):
+        train_tokenizer(TokenizerConfig(inputs=[corpus["jsonl"]], output_prefix=str(tmp_path / "t"), vocab_size=600))
+    with pytest.raises(ValueError, match="lower --vocab-size"):
+        train_tokenizer(TokenizerConfig(inputs=[corpus["jsonl"]], output_prefix=str(tmp_path / "big"),
+                                        vocab_size=60000, num_threads=1))
+    assert not glob.glob(str(tmp_path / "big*")) and not glob.glob(str(tmp_path / ".tok-partial-*"))
+
+
+# ---------------------------------------------------------------- preprocess
+
+
+def test_preprocess_reads_back_exact_ids_with_eod(corpus, tmp_path):
+    s = _run(dict(inputs=[corpus["jsonl"]], tokenizer_model=corpus["model"], output_prefix=str(tmp_path / "ds")))
+    assert s.dataset_prefix == str(tmp_path / "ds_text_document") and s.dtype == "uint16"
+    sp = _sp(corpus["model"])
+    texts = [t for _, t in sample_documents()]
+    docs = _read_docs(s.dataset_prefix)
+    assert len(docs) == len(texts) == s.documents and s.skipped_total == 0
+    for seqs, text in zip(docs, texts):
+        assert seqs == [sp.encode(text) + [sp.eos_id()]]
+    assert s.tokens == sum(len(d[0]) for d in docs)
+
+
+def test_preprocess_sentences_text_modes_and_globs(corpus, tmp_path):
+    sp = _sp(corpus["model"])
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("First para. It has two sentences.\nSame para!\n\n\nSecond para?\n")
+    (tmp_path / "in" / "b.txt").write_text("Only one.\n")
+    s = _run(dict(inputs=[str(tmp_path / "in" / "*.txt")], tokenizer_model=corpus["model"],
+                  output_prefix=str(tmp_path / "p"), text_mode="paragraph", split_sentences=True))
+    assert s.dataset_prefix.endswith("p_text_sentence") and s.files == 2
+    docs = _read_docs(s.dataset_prefix)
+    want = [["First para. ", "It has two sentences.\n", "Same para!"], ["Second para?"], ["Only one."]]
+    assert [[sp.decode(q) for q in d] for d in docs] == [[*w[:-1], w[-1] + "</s>"] for w in want] or \
+        [[sp.encode(x) for x in w[:-1]] + [sp.encode(w[-1]) + [2]] for w in want] == docs
+    # line mode: one document per non-empty line
+    s = _run(dict(inputs=[str(tmp_path / "in" / "a.txt")], tokenizer_model=corpus["model"],
+                  output_prefix=str(tmp_path / "l"), text_mode="line"))
+    assert [sp.decode(d[0][:-1]) for d in _read_docs(s.dataset_prefix)] == \
+        ["First para. It has two sentences.", "Same para!", "Second para?"]
+
+
+def test_multiworker_output_identical_to_single_worker(corpus, tmp_path):
+    common = dict(inputs=[corpus["jsonl"]], tokenizer_model=corpus["model"], chunk_bytes=16_000)
+    one = _run(common, output_prefix=str(tmp_path / "one"), workers=1)
+    two = _run(common, output_prefix=str(tmp_path / "two"), workers=2)
+    for ext in (".bin", ".idx"):
+        with open(one.dataset_prefix + ext, "rb") as a, open(two.dataset_prefix + ext, "rb") as b:
+            assert a.read() == b.read(), ext
+    # and the chunk size does not change the result either
+    big = _run(common, output_prefix=str(tmp_path / "big"), chunk_bytes=1 << 22)
+    with open(one.dataset_prefix + ".bin", "rb") as a, open(big.dataset_prefix + ".bin", "rb") as b:
+        assert a.read() == b.read()
+
+
+# ---------------------------------------------------------------- bad input
+
+GOOD = b'{"text": "A good document."}'
+BAD_LINES = {  # kind -> raw line
+    "malformed_json": b'{"text": "unterminated',
+    "missing_field": b'{"body": "no text field"}',
+    "field_not_string": b'{"text": 42}',
+    "not_an_object": b'["a", "list"]',
+    "invalid_utf8": b'{"text": "bad \xff\xfe bytes"}',
+    "empty_document": b'{"text": "   \\n "}',
+}
+
+
+def _bad_file(tmp_path):
+    lines = [GOOD, b""]  # a blank line carries no document and is not an error
+    for raw in BAD_LINES.values():
+        lines.append(raw)
+    lines.append(GOOD)
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return str(path), {kind: 3 + i for i, kind in enumerate(BAD_LINES)}  # 1-based line numbers
+
+
+def test_bad_input_skip_reports_file_line_and_counts(corpus, tmp_path, capsys):
+    path, line_of = _bad_file(tmp_path)
+    log = tmp_path / "bad.log"
+    s = _run(dict(inputs=[path], tokenizer_model=corpus["model"], output_prefix=str(tmp_path / "o"),
+                  bad_lines_log=str(log)))
+    assert s.documents == 2 and s.skipped == {k: 1 for k in BAD_LINES} and s.skipped_total == 6
+    err = capsys.readouterr().err
+    for kind, line in line_of.items():
+        assert f"{path}:{line}: {kind}:" in err
+    logged = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [(r["line"], r["kind"]) for r in logged] == [(line_of[k], k) for k in BAD_LINES]
+    assert "\\xff" in next(r["detail"] for r in logged if r["kind"] == "invalid_utf8")
+    assert len(_read_docs(s.dataset_prefix)) == 2
+    assert "skipped        6" in s.format() and "invalid_utf8" in s.format()
+
+
+@pytest.mark.parametrize("kind", list(BAD_LINES))
+def test_bad_input_fail_policy(corpus, tmp_path, kind):
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(GOOD + b"\n" + BAD_LINES[kind] + b"\n" + GOOD + b"\n")
+    with pytest.raises(BadInputError, match=f"{path}:2: {kind}:"):
+        _run(dict(inputs=[str(path)], tokenizer_model=corpus["model"], output_prefix=str(tmp_path / "o"),
+                  on_error="fail"))
+    assert os.listdir(tmp_path) == ["in.jsonl"]  # no dataset, no partial files
+
+
+def test_text_input_invalid_utf8_and_errors(corpus, tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_bytes(b"fine line\nbroken \xc3\x28 line\nanother fine line\n")
+    s = _run(dict(inputs=[str(path)], tokenizer_model=corpus["model"], output_prefix=str(tmp_path / "o")))
+    assert s.documents == 2 and s.skipped == {"invalid_utf8": 1}
+    with pytest.raises(ValueError, match="matches no files"):
+        _run(dict(inputs=[str(tmp_path / "*.nothing")], tokenizer_model=corpus["model"],
+                  output_prefix=str(tmp_path / "x")))
+    with pytest.raises(ValueError, match="already exists; pass --overwrite"):
+        _run(dict(inputs=[str(path)], tokenizer_model=corpus["model"], output_prefix=str(tmp_path / "o")))
+    with pytest.raises(ValueError, match="--on-error must be one of"):
+        PreprocessConfig(inputs=[str(path)], tokenizer_model=corpus["model"], output_prefix="x", on_error="ignore")
+
+
+# ---------------------------------------------------------------- crash safety
+
+
+def test_interrupted_run_leaves_no_dataset_and_keeps_old_one(corpus, tmp_path, monkeypatch):
+    import data_tools.preprocess as pp
+
+    cfg = dict(inputs=[corpus["jsonl"]], tokenizer_model=corpus["model"], output_prefix=str(tmp_path / "d"),
+               chunk_bytes=20_000)
+    calls = {"n": 0}
+    real = pp._append_chunk
+
+    def interrupt_on_third(builder, enc):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        real(builder, enc)
+
+    monkeypatch.setattr(pp, "_append_chunk", interrupt_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        _run(cfg)
+    assert os.listdir(tmp_path) == []
+    monkeypatch.setattr(pp, "_append_chunk", real)
+    good = _run(cfg)
+    before = {ext: open(good.dataset_prefix + ext, "rb").read() for ext in (".bin", ".idx")}
+    # an interrupted overwrite leaves the previous dataset untouched
+    calls["n"] = 0
+    monkeypatch.setattr(pp, "_append_chunk", interrupt_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        _run(cfg, overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["d_text_document.bin", "d_text_document.idx"]
+    assert {ext: open(good.dataset_prefix + ext, "rb").read() for ext in (".bin", ".idx")} == before
+
+
+def test_killed_process_leaves_only_partial_names(corpus, tmp_path):
+    """SIGKILL (no cleanup possible) mid-run: nothing at the output name looks like a dataset."""
+    big = write_sample_corpus(str(tmp_path / "big.jsonl"), repeat=40)  # ~20 MB
+    prefix = tmp_path / "k_text_document"
+    code = ("import sys; from data_tools.preprocess import main; "
+            f"sys.exit(main(['--input', {big!r}, '--tokenizer', {corpus['model']!r}, "
+            f"'--output-prefix', {str(tmp_path / 'k')!r}, '--no-progress', '--chunk-bytes', '100000']))")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stderr=subprocess.DEVNULL)
+    try:
+        import time
+
+        deadline = time.time() + 120
+        partial = []
+        while time.time() < deadline and proc.poll() is None:
+            partial = [p for p in glob.glob(str(tmp_path / "k_*.partial-*")) if os.path.getsize(p) > 0]
+            if partial:
+                break
+            time.sleep(0.05)
+        assert partial and proc.poll() is None, "preprocess finished before it could be killed"
+        proc.kill()
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not os.path.exists(f"{prefix}.bin") and not os.path.exists(f"{prefix}.idx")
+    left = sorted(os.path.basename(p) for p in glob.glob(str(tmp_path / "k_*")))
+    assert left and all(".partial-" in name for name in left)
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    with pytest.raises(Exception):
+        IndexedDataset(str(prefix))
+
+
+# ---------------------------------------------------------------- streaming memory
+
+_RSS_CHILD = r"""
+import json, os, sys, threading, time
+import psutil
+from data_tools.preprocess import PreprocessConfig, preprocess
+import megatron.core.datasets.indexed_dataset  # noqa: F401  (imported before the baseline)
+path, model, out = sys.argv[1:4]
+me = psutil.Process()
+peak = {"main": 0, "worker": 0}
+done = threading.Event()
+def watch():
+    while not done.is_set():
+        peak["main"] = max(peak["main"], me.memory_info().rss)
+        for c in me.children(recursive=True):
+            try:
+                peak["worker"] = max(peak["worker"], c.memory_info().rss)
+            except psutil.Error:
+                pass
+        time.sleep(0.005)
+base = me.memory_info().rss
+t = threading.Thread(target=watch, daemon=True); t.start()
+s = preprocess(PreprocessConfig(inputs=[path], tokenizer_model=model, output_prefix=out, workers=2,
+                                chunk_bytes=1 << 20, progress=False))
+done.set(); t.join()
+print(json.dumps({"base": base, "peak_main": peak["main"], "peak_worker": peak["worker"],
+                  "documents": s.documents, "input_bytes": s.input_bytes, "tokens": s.tokens}))
+"""
+
+
+def test_streaming_memory_is_flat_for_large_input(corpus, tmp_path):
+    """A 64 MB input, RSS growth of the writer bounded by 20 MB (and workers by 200 MB each).
+
+    Most of each record is a field that is not tokenized, so the file is large (what the
+    reader must stream) while tokenization stays quick on 2 CI cores.
+    """
+    import random
+
+    rng = random.Random(0)
+    words = " ".join(t for _, t in sample_documents()).split()
+    path = tmp_path / "large.jsonl"
+    n_docs = 0
+    with open(path, "w") as f:
+        while f.tell() < 64 * 2**20:
+            text = " ".join(rng.choices(words, k=200))
+            f.write(json.dumps({"text": text, "meta": "x" * 5000}) + "\n")
+            n_docs += 1
+    size = os.path.getsize(path)
+    out = subprocess.run([sys.executable, "-c", _RSS_CHILD, str(path), corpus["model"], str(tmp_path / "o")],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["documents"] == n_docs and r["input_bytes"] > 0.99 * size - n_docs
+    growth = r["peak_main"] - r["base"]
+    assert growth < 20 * 2**20, f"writer RSS grew by {growth / 2**20:.1f} MB on a {size / 2**20:.0f} MB input"
+    assert 0 < r["peak_worker"] < 200 * 2**20, r
+
+
+# ---------------------------------------------------------------- training side
+
+
+def test_gpt_dataset_built_on_output_yields_samples(corpus, tmp_path):
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    from kla_megatron.training.tokenizer import load_tokenizer
+
+    s = _run(dict(inputs=[corpus["jsonl"]], tokenizer_model=corpus["model"], output_prefix=str(tmp_path / "g")))
+    tok = load_tokenizer(corpus["model"])
+    cfg = GPTDatasetConfig(random_seed=1234, sequence_length=64, blend=([s.dataset_prefix], None), split="90,10,0",
+                           path_to_cache=str(tmp_path / "cache"), tokenizer=tok, reset_position_ids=False,
+                           reset_attention_mask=False, eod_mask_loss=False, mmap_bin_files=True)
+    train, valid, test = BlendedMegatronDatasetBuilder(GPTDataset, [200, 20, None], lambda: True, cfg).build()
+    assert len(train) >= 200 and len(valid) >= 20 and test is None
+    stream = np.fromfile(s.dataset_prefix + ".bin", dtype=np.uint16)
+    for i in (0, 7, 199):
+        sample = train[i]
+        tokens, labels = sample["tokens"].numpy(), sample["labels"].numpy()
+        assert tokens.shape == (64,) and (tokens < tok.vocab_size).all()
+        assert np.array_equal(tokens[1:], labels[:-1])
+        # a sample is a window of the token stream unless it straddles shuffled documents
+        window = np.concatenate([tokens, labels[-1:]])
+        if tok.eod not in window[:-1]:
+            hits = np.flatnonzero(np.lib.stride_tricks.sliding_window_view(stream, 65).__eq__(window).all(1))
+            assert len(hits) >= 1
+
+
+# ---------------------------------------------------------------- merge / inspect / sample / CLI
+
+
+def test_merge_and_inspect(corpus, tmp_path):
+    from data_tools.inspect_dataset import format_info, inspect_dataset
+    from data_tools.merge import merge_datasets
+
+    a = _run(dict(inputs=[corpus["jsonl"]], tokenizer_model=corpus["model"], output_prefix=str(tmp_path / "a")))
+    p = tmp_path / "b.txt"
+    p.write_text("one doc\nand another\n")
+    b = _run(dict(inputs=[str(p)], tokenizer_model=corpus["model"], output_prefix=str(tmp_path / "b")))
+    r = merge_datasets([a.dataset_prefix, b.dataset_prefix + ".idx"], str(tmp_path / "m"))
+    assert r["documents"] == a.documents + 2 and r["tokens"] == a.tokens + b.tokens
+    assert _read_docs(str(tmp_path / "m")) == _read_docs(a.dataset_prefix) + _read_docs(b.dataset_prefix)
+    with pytest.raises(ValueError, match="already exists"):
+        merge_datasets([a.dataset_prefix], str(tmp_path / "m"))
+    with pytest.raises(ValueError, match="not an indexed dataset"):
+        merge_datasets([str(tmp_path / "nope")], str(tmp_path / "m2"))
+
+    info = inspect_dataset(str(tmp_path / "m"), corpus["model"], samples=2)
+    assert info["documents"] == r["documents"] and info["tokens"] == r["tokens"]
+    assert info["eod_count"] == r["documents"] and info["ids_outside_vocab"] == 0
+    assert info["top_tokens"][0]["count"] >= info["top_tokens"][-1]["count"]
+    texts = {t for _, t in sample_documents()} | {"one doc", "and another"}
+    for smp in info["samples"]:
+        assert smp["text"].endswith("</s>") or smp["truncated"]
+        assert any(t.startswith(smp["text"].removesuffix("</s>")) for t in texts)
+    assert "documents      81" in format_info(info)
+
+
+def test_sample_corpus_is_deterministic(tmp_path):
+    a = write_sample_corpus(str(tmp_path / "a.jsonl"))
+    b = write_sample_corpus(str(tmp_path / "b.jsonl"))
+    assert open(a, "rb").read() == open(b, "rb").read()
+    recs = [json.loads(x) for x in open(a)]
+    assert len(recs) >= 50 and all(r["text"].strip() for r in recs)
+    assert sum(len(r["text"]) for r in recs) > 300_000
+
+
+def test_prepare_sample_is_idempotent(tmp_path):
+    from data_tools.prepare_sample import prepare_sample
+
+    m = prepare_sample(str(tmp_path / "s"), vocab_size=512)
+    mtimes = {f: os.path.getmtime(f) for f in (m["tokenizer_model"], m["data_prefix"] + ".bin")}
+    assert prepare_sample(str(tmp_path / "s"), vocab_size=512) == m
+    assert {f: os.path.getmtime(f) for f in mtimes} == mtimes
+    assert m["vocab_size"] == 512 and m["eod"] == 2 and m["documents"] == len(sample_documents())
+    assert len(_read_docs(m["data_prefix"])) == m["documents"]
+
+
+@pytest.mark.parametrize("module", ["data_tools.train_tokenizer", "data_tools.preprocess", "data_tools.cli",
+                                    "data_tools.sample_corpus", "data_tools.prepare_sample"])
+def test_commands_have_help(module):
+    out = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0 and "usage:" in out.stdout, out.stderr
