@@ -195,7 +195,9 @@ def _kla_bwd_kernel(
 
             b_M = b_gy[:, None] * b_q[None, :] + b_cM
             b_S = b_gv[:, None] * (b_q * b_q)[None, :] + b_cS
-            b_P = b_iota * (b_iota * b_S + (b_r - b_phi * b_mu) * b_M)
+            # P̄ = ι(ι·S̄ + (r − φ·μ_t)·M̄), with r − φ·μ_t = ι·(r − φ·a·μ_{t−1}): the second
+            # form avoids cancelling r against φ·μ_t ≈ r when observations are sharp.
+            b_P = b_iota * b_iota * (b_S + (b_r - b_phi * b_a * b_mp) * b_M)
             b_dphi = -b_sigma * (b_sigma * b_S + b_mu * b_M)
             b_dr = b_sigma * b_M
             # Padding steps (t ≥ eos) must leave the carries untouched.

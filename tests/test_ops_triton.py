@@ -1,0 +1,138 @@
+"""Triton kernels against the float64 reference.
+
+CPU: through TRITON_INTERPRET=1 (set in conftest) at small sizes. GPU (`gpu` mark):
+realistic sizes, bf16 I/O, determinism, no NaN/inf in the extreme regimes.
+"""
+import functools
+
+import pytest
+import torch
+
+from kla_megatron.ops.kla import kla_decode_step, kla_scan
+
+from .kla_inputs import assert_close_all, make_inputs, outputs_and_grads, rel_err
+
+naive = functools.partial(kla_scan, backend="naive")
+FP32_TOL = 1e-5
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _to(x, device):
+    out = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in x.items()}
+    if x["initial_state"] is not None:
+        out["initial_state"] = tuple(s.to(device) for s in x["initial_state"])
+    return out
+
+
+def _check(shape, regime, seed, *, cu=None, with_state=True, deterministic=False, device=DEVICE, tol=FP32_TOL):
+    n_seq = None if cu is None else len(cu) - 1
+    kw = {} if cu is None else {"cu_seqlens": torch.tensor(cu)}
+    x64 = make_inputs(*shape, regime=regime, seed=seed, n_seq=n_seq, with_state=with_state)
+    ref_out, ref_grad = outputs_and_grads(naive, x64, **kw)
+    x32 = _to(make_inputs(*shape, regime=regime, seed=seed, n_seq=n_seq, with_state=with_state, dtype=torch.float32), device)
+    kw = {k: v.to(device) for k, v in kw.items()}
+    scan = functools.partial(kla_scan, backend="triton", deterministic=deterministic)
+    out, grad = outputs_and_grads(scan, x32, **kw)
+    assert_close_all({k: v.cpu() for k, v in out.items()}, ref_out, tol, f"outputs {shape} {regime}")
+    assert_close_all({k: v.cpu() for k, v in grad.items()}, ref_grad, tol, f"grads {shape} {regime}")
+
+
+@pytest.mark.parametrize(
+    "shape,regime,cu,with_state,deterministic",
+    [
+        pytest.param((2, 37, 2, 3, 4), "default", None, True, False, id="B2-L37-state"),
+        pytest.param((1, 70, 2, 5, 3), "lv_wide", [0, 20, 21, 70], True, False, id="varlen-3docs"),
+        pytest.param((2, 33, 1, 40, 4), "a_tiny", None, False, False, id="2-channel-blocks-atomics"),
+        pytest.param((2, 33, 1, 40, 4), "a_near_one", None, True, True, id="2-channel-blocks-deterministic"),
+        pytest.param((1, 65, 3, 2, 2), "lv_large", None, True, False, id="L65-lv1e4"),
+        pytest.param((1, 1, 1, 3, 5), "a_one_p_zero", None, True, False, id="L1-S5"),
+    ],
+)
+def test_triton_matches_naive(shape, regime, cu, with_state, deterministic):
+    _check(shape, regime, 31, cu=cu, with_state=with_state, deterministic=deterministic)
+
+
+def test_triton_without_final_state_or_grads():
+    x = _to(make_inputs(2, 20, 2, 3, 4, seed=32, dtype=torch.float32), DEVICE)
+    y, y_var, final = kla_scan(**x, backend="triton")
+    ry, ryv, _ = naive(**make_inputs(2, 20, 2, 3, 4, seed=32))
+    assert final is None
+    assert rel_err(y.cpu(), ry) < FP32_TOL and rel_err(y_var.cpu(), ryv) < FP32_TOL
+
+
+def test_triton_decode_step_matches_torch_step():
+    x = _to(make_inputs(3, 1, 2, 5, 3, seed=33, dtype=torch.float32), DEVICE)
+    step = [x[k][:, 0] for k in ("v", "lambda_v", "k", "q")]
+    got = kla_decode_step(*step, x["a"], x["p"], x["initial_state"], backend="triton")
+    ref = kla_decode_step(*step, x["a"], x["p"], x["initial_state"], backend="torch")
+    for g, r in zip((got[0], got[1], *got[2]), (ref[0], ref[1], *ref[2])):
+        torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-6)
+
+
+def test_triton_rejects_float64():
+    x = make_inputs(1, 4, 1, 2, 2, seed=34)
+    with pytest.raises(ValueError, match="Triton backend computes in fp32"):
+        kla_scan(**_to(x, DEVICE), backend="triton")
+
+
+# ----------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("regime", ["default", "a_tiny", "a_near_one", "lv_wide", "lv_large"])
+def test_gpu_long_sequence_outputs_and_grads(regime):
+    """L = 16k at a few heads: fp32 within 1e-5 of float64 for outputs and every gradient."""
+    _check((1, 16384, 2, 16, 16), regime, 41, device="cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_wide_model_against_float64_torch():
+    """M = 4096 channels (64 heads × 64), S = 16: outputs and grads vs the float64 PyTorch scan."""
+    shape = (1, 512, 64, 64, 16)
+    ref = _to(make_inputs(*shape, seed=42), "cuda")
+    ref_out, ref_grad = outputs_and_grads(functools.partial(kla_scan, backend="torch"), ref)
+    x = _to(make_inputs(*shape, seed=42, dtype=torch.float32), "cuda")
+    out, grad = outputs_and_grads(functools.partial(kla_scan, backend="triton"), x)
+    assert_close_all(out, ref_out, FP32_TOL, "M4096 outputs")
+    assert_close_all(grad, ref_grad, FP32_TOL, "M4096 grads")
+
+
+@pytest.mark.gpu
+def test_gpu_long_outputs_wide_model():
+    """L = 16k, M = 4096: forward outputs and final state vs the float64 loop."""
+    shape = (1, 16384, 64, 64, 16)
+    x64 = _to(make_inputs(*shape, seed=43), "cuda")
+    ry, ryv, rs = naive(**x64, output_final_state=True)
+    x = _to(make_inputs(*shape, seed=43, dtype=torch.float32), "cuda")
+    y, yv, s = kla_scan(**x, backend="triton", output_final_state=True)
+    for got, ref in ((y, ry), (yv, ryv), (s[0], rs[0]), (s[1], rs[1])):
+        assert rel_err(got, ref) < FP32_TOL
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_within_rounding():
+    shape = (2, 2048, 8, 64, 16)
+    x = _to(make_inputs(*shape, seed=44, dtype=torch.bfloat16), "cuda")
+    out, grad = outputs_and_grads(functools.partial(kla_scan, backend="triton"), x)
+    ref_in = _to(make_inputs(*shape, seed=44, dtype=torch.float32), "cuda")
+    ref_in.update({k: x[k].float() for k in ("v", "lambda_v", "k", "q")})
+    ref_out, ref_grad = outputs_and_grads(functools.partial(kla_scan, backend="triton"), ref_in)
+    assert_close_all(out, ref_out, 1e-2, "bf16 outputs")
+    assert_close_all(grad, ref_grad, 2e-2, "bf16 grads")
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic_mode_is_bitwise_reproducible():
+    x = _to(make_inputs(2, 1024, 4, 64, 16, seed=45, dtype=torch.float32), "cuda")
+    scan = functools.partial(kla_scan, backend="triton", deterministic=True)
+    _, g1 = outputs_and_grads(scan, x)
+    _, g2 = outputs_and_grads(scan, x)
+    for name in g1:
+        assert torch.equal(g1[name], g2[name]), name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("regime", ["a_tiny", "a_one_p_zero", "lv_small", "lv_large", "lv_wide"])
+def test_gpu_no_nan_in_extreme_regimes(regime):
+    x = _to(make_inputs(2, 8192, 4, 64, 16, regime=regime, seed=46, dtype=torch.bfloat16), "cuda")
+    out, grad = outputs_and_grads(functools.partial(kla_scan, backend="triton"), x)
+    for name, t in {**out, **grad}.items():
+        assert torch.isfinite(t).all(), name
