@@ -105,7 +105,9 @@ class KLAModel(LanguageModule):
             logits, _ = self.output_layer(hidden_states, weight=weight, runtime_gather_output=True)
             return logits.transpose(0, 1).contiguous()
         logits, _ = self.output_layer(hidden_states, weight=weight)
-        return self.compute_language_model_loss(labels, logits.float())
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()  # the loss is fp32 (fp64 stays fp64)
+        return self.compute_language_model_loss(labels, logits)
 
 
 def _document_causal_mask(cu_seqlens: torch.Tensor) -> torch.Tensor:

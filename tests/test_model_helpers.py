@@ -1,0 +1,189 @@
+"""Helpers (no tests) shared by the model's multi-rank tests (CPU/gloo here, NCCL in the gpu tests).
+
+- ``setup_parallel``: megatron parallel state (+ the CPU shim without CUDA).
+- ``det_init``: every parameter drawn from a hash of its *global* name at full size, then
+  this rank's TP slice taken (honouring ``partition_stride``), so models of any TP/PP
+  layout hold the same weights.
+- ``run_schedule``: loss (and gradients) through megatron's forward-backward schedule.
+- ``local_grads`` / ``assemble``: gradients under global names, reassembled to full tensors.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+
+import torch
+
+V, SEQ, MICRO_BATCHES = 64, 8, 2
+
+
+def tiny_config(pattern="K-K-", preset="plain", **overrides):
+    from kla_megatron.models import KLAModelConfig
+
+    kw = dict(vocab_size=V, hidden_size=16, num_layers=len(pattern), layer_pattern=pattern, kla_heads=2, d_state=4,
+              num_attention_heads=4, ffn_hidden_size=32, preset=preset, kla_var_rank=4, scan_backend="torch",
+              max_seq_len=SEQ)
+    kw.update(overrides)
+    return KLAModelConfig(**kw)
+
+
+def setup_parallel(tp=1, pp=1, seed=1):
+    """(Re-)initialise megatron's parallel state; the remaining ranks are data-parallel."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from kla_megatron.compat import enable_cpu_megatron
+
+    enable_cpu_megatron()
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    model_parallel_cuda_manual_seed(seed)
+    torch.manual_seed(seed)
+
+
+def build(cfg, tp=1, pp=1, sp=False, dtype=torch.float64, **overrides):
+    from megatron.core import parallel_state
+
+    from kla_megatron.models import build_kla_model
+
+    tc = cfg.to_transformer_config(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                   sequence_parallel=sp, params_dtype=dtype, **overrides)
+    return build_kla_model(cfg, tc, pre_process=parallel_state.is_pipeline_first_stage(),
+                           post_process=parallel_state.is_pipeline_last_stage())
+
+
+def global_name(model, name):
+    match = re.match(r"decoder\.layers\.(\d+)\.(.*)", name)
+    if not match:
+        return name
+    layer = model.decoder.layers[int(match.group(1))]
+    return f"decoder.layers.{layer.layer_number - 1}.{match.group(2)}"
+
+
+def _tp():
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
+
+
+def _local_slice(full, param, tp, rank):
+    dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
+    chunk = param.shape[dim] // stride
+    pieces = torch.split(full, chunk, dim=dim)
+    return torch.cat(pieces[rank::tp], dim=dim)
+
+
+def det_init(model, salt=""):
+    tp, rank = _tp()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            gname = global_name(model, name)
+            seed = int(hashlib.md5((salt + gname).encode()).hexdigest()[:8], 16)
+            gen = torch.Generator().manual_seed(seed)
+            shape = list(param.shape)
+            if getattr(param, "tensor_model_parallel", False):
+                shape[param.partition_dim] *= tp
+            full = torch.randn(shape, generator=gen, dtype=torch.float64)
+            if "norm" in gname:
+                full = 1 + 0.1 * full
+            elif gname.endswith((".p", ".lambda_skip")):
+                full = 0.05 * full.abs() if gname.endswith(".p") else -1 + 0.1 * full
+            elif gname.endswith((".A_log", ".delta_raw")):
+                full = 0.5 * full
+            else:
+                full = 0.2 * full
+            if getattr(param, "tensor_model_parallel", False) and tp > 1:
+                full = _local_slice(full, param, tp, rank)
+            param.copy_(full.to(param.dtype))
+
+
+def batches(seed=3, packed=False):
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, V, (MICRO_BATCHES, SEQ), generator=gen)
+    labels = torch.randint(0, V, (MICRO_BATCHES, SEQ), generator=gen)
+    return [dict(tokens=tokens[i : i + 1], labels=labels[i : i + 1]) for i in range(MICRO_BATCHES)]
+
+
+def run_schedule(model, data, forward_only=False, packed_seq_params=None):
+    """Mean per-token loss over the micro-batches (on the last stage; None elsewhere)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    def loss_func(output):
+        loss = output.float().mean() if output.dtype != torch.float64 else output.mean()
+        return loss, {"loss": loss.detach()}
+
+    def forward_step(iterator, model):
+        batch = next(iterator)
+        out = model(batch["tokens"], None, None, labels=batch["labels"], packed_seq_params=packed_seq_params)
+        return out, loss_func
+
+    model.zero_grad(set_to_none=True)
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(data), model=[model], num_microbatches=len(data),
+        seq_length=SEQ, micro_batch_size=1, forward_only=forward_only,
+    )
+    if not losses:
+        return None
+    return torch.stack([l["loss"] for l in losses]).mean().item()
+
+
+def finish_grads(model):
+    """What finalize_model_grads does for us here: sum SP-replicated grads over TP."""
+    from megatron.core import parallel_state
+
+    if not model.config.sequence_parallel:
+        return
+    for param in model.parameters():
+        if getattr(param, "sequence_parallel", False) and param.grad is not None:
+            torch.distributed.all_reduce(param.grad, group=parallel_state.get_tensor_model_parallel_group())
+
+
+def local_grads(model):
+    """{global name: (grad, partition_dim or None, stride)} plus the rank's TP index."""
+    tp, rank = _tp()
+    grads = {}
+    for name, param in model.named_parameters():
+        sharded = getattr(param, "tensor_model_parallel", False) and tp > 1
+        grads[global_name(model, name)] = (
+            param.grad.detach().clone(),
+            param.partition_dim if sharded else None,
+            getattr(param, "partition_stride", 1),
+        )
+    from megatron.core import parallel_state
+
+    return {"tp": tp, "tp_rank": rank, "pp_rank": parallel_state.get_pipeline_model_parallel_rank(),
+            "dp_rank": parallel_state.get_data_parallel_rank(), "grads": grads}
+
+
+def assemble(results):
+    """Full gradients from every rank's ``local_grads`` (data-parallel replica 0, all
+    pipeline stages); TP-replicated copies must agree."""
+    by_name = {}
+    for res in results:
+        if res["dp_rank"] != 0:
+            continue
+        for name, (grad, dim, stride) in res["grads"].items():
+            by_name.setdefault(name, {})[res["tp_rank"]] = (grad, dim, stride)
+    full = {}
+    for name, shards in by_name.items():
+        grad0, dim, stride = shards[0]
+        if dim is None:
+            for grad, _, _ in shards.values():
+                torch.testing.assert_close(grad, grad0, rtol=1e-12, atol=1e-14, msg=f"TP replicas differ: {name}")
+            full[name] = grad0
+            continue
+        tp = len(shards)
+        per_rank = [torch.split(shards[r][0], shards[r][0].shape[dim] // stride, dim=dim) for r in range(tp)]
+        ordered = [per_rank[r][s] for s in range(stride) for r in range(tp)]
+        full[name] = torch.cat(ordered, dim=dim)
+    return full
+
+
+def build_kla_model_from_tc(cfg, tc):
+    from megatron.core import parallel_state
+
+    from kla_megatron.models import build_kla_model
+
+    return build_kla_model(cfg, tc, pre_process=parallel_state.is_pipeline_first_stage(),
+                           post_process=parallel_state.is_pipeline_last_stage())
