@@ -283,6 +283,9 @@ class RunConfig:
                 if value != 1:
                     raise ValueError(f"engine 'deepspeed' does not support parallel.{name}={value} "
                                      f"(data parallel only); use engine: megatron")
+            if self.train.nan_policy == "skip":
+                raise ValueError("engine 'deepspeed' does not support train.nan_policy 'skip' (DeepSpeed applies "
+                                 "the update inside engine.step()); set train.nan_policy: abort")
 
     def validate_world(self, world_size: int) -> int:
         """Check the layout and batch sizes against the world size; returns the data-parallel size."""

@@ -132,6 +132,13 @@ class Trainer:
             if problem:
                 raise ValueError(f"checkpoint.resume: {path} is not a complete checkpoint: {problem}")
         manifest = ckpt.read_manifest(path)
+        saved = manifest.get("layout", {})
+        if saved.get("engine", "megatron") != self.run.engine:
+            raise ValueError(f"checkpoint.resume: {path} was written by engine '{saved.get('engine')}', "
+                             f"this run uses engine '{self.run.engine}'")
+        if self.run.engine == "deepspeed" and saved != self.layout:
+            raise ValueError(f"engine 'deepspeed' does not support resuming under a different layout "
+                             f"({saved} -> {self.layout}); resume with the same data-parallel size")
         common = self.engine.load(os.path.join(path, "model"))
         self.step = int(common["step"])
         same_layout = manifest.get("layout") == self.layout

@@ -1,0 +1,157 @@
+"""DeepSpeed engine (``engine: deepspeed``): the same KLA model, data and schedule, trained with
+ZeRO stage 0-3 (optionally CPU offload) over data parallelism only.
+
+What it does not do, with the error the config raises: tensor/pipeline/context parallelism
+(use ``engine: megatron``), ``nan_policy: skip`` (DeepSpeed applies the update inside
+``engine.step()``; we abort instead, before anything is saved), and resuming under a different
+data-parallel size (DeepSpeed's ZeRO checkpoints are partitioned per rank).
+On a machine without CUDA, ``DS_ACCELERATOR=cpu`` is set before DeepSpeed is imported.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import torch.distributed as dist
+
+from .config import RunConfig
+from .megatron_engine import StepResult, device
+from .model_factory import build_model_chunks, transformer_config
+from .param_groups import torch_param_groups
+from .schedule import apply_lr
+
+TAG = "ds"
+
+
+def import_deepspeed():
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        import deepspeed
+    except ImportError as exc:
+        raise ValueError("engine 'deepspeed' needs DeepSpeed: pip install 'kla-megatron[deepspeed]'") from exc
+    return deepspeed
+
+
+def deepspeed_config(run: RunConfig, dp: int) -> dict:
+    t, d = run.train, run.deepspeed
+    zero = {"stage": d.zero_stage}
+    if d.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if d.offload_param:
+        zero["offload_param"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.global_batch_size // (t.micro_batch_size * dp),
+        "gradient_clipping": t.clip_grad,
+        "zero_optimization": zero,
+        "bf16": {"enabled": t.precision == "bf16"},
+        # We pass a torch AdamW with our param groups; allow it under offload too (no CPU-Adam build).
+        "zero_force_ds_cpu_optimizer": False,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+@contextlib.contextmanager
+def _scalar_safe_broadcast():
+    """DeepSpeed 0.19 broadcasts parameters as ``p.data.view(torch.uint8)``, which fails for 0-dim
+    parameters (the KLA mixer's λ_skip). Give them a 1-element shape while the engine is built."""
+    from deepspeed.runtime.engine import DeepSpeedEngine as Engine
+
+    original = Engine._broadcast_model
+
+    def broadcast_model(self):
+        scalars = [p for p in self.module.parameters() if p.dim() == 0]
+        for p in scalars:
+            p.data = p.data.reshape(1)
+        try:
+            original(self)
+        finally:
+            for p in scalars:
+                p.data = p.data.reshape(())
+
+    Engine._broadcast_model = broadcast_model
+    try:
+        yield
+    finally:
+        Engine._broadcast_model = original
+
+
+class DeepSpeedEngine:
+    def __init__(self, run: RunConfig, model_cfg, eod_id: int):
+        deepspeed = import_deepspeed()
+        self.run, self.eod_id = run, eod_id
+        t = run.train
+        dp = dist.get_world_size()
+        self.tc = transformer_config(run, model_cfg)
+        (model,) = build_model_chunks(run, model_cfg, self.tc)
+        if t.precision == "bf16":
+            model = model.to(torch.bfloat16)
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
+        groups = torch_param_groups(model)
+        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                                      weight_decay=t.weight_decay)
+        with _scalar_safe_broadcast():
+            self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                                      config=deepspeed_config(run, dp))
+        self.packed = run.data.packed_documents and run.data.kind == "indexed"
+
+    def _loss_sums(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        from . import data as data_mod
+
+        dev = device()
+        tokens, labels = batch["tokens"].to(dev), batch["labels"].to(dev)
+        mask = batch["loss_mask"].to(dev).float()
+        kwargs = {}
+        if self.packed:
+            kwargs["packed_seq_params"] = data_mod.packed_seq_params(tokens, self.eod_id)
+            tokens, labels, mask = tokens.reshape(1, -1), labels.reshape(1, -1), mask.reshape(1, -1)
+        b, s = tokens.shape
+        position_ids = torch.arange(s, device=dev).unsqueeze(0).expand(b, s)
+        losses = self.engine(tokens, position_ids, None, labels=labels, **kwargs).float()
+        return (losses * mask).sum(), mask.sum()
+
+    def _global(self, loss_sum: float, n: float) -> float:
+        t = torch.tensor([loss_sum, n], dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t[0] / t[1].clamp(min=1))
+
+    def train_step(self, micro_batches: list[dict], step: int) -> StepResult:
+        self.engine.train()
+        lr = apply_lr(self.optimizer.param_groups, self.run.train, step)
+        total, count = 0.0, 0.0
+        for batch in micro_batches:
+            loss_sum, n = self._loss_sums(batch)
+            # The engine divides by the accumulation steps; we give it the micro-batch token mean.
+            self.engine.backward(loss_sum / n.clamp(min=1))
+            self.engine.step()
+            total, count = total + float(loss_sum.detach()), count + float(n)
+        loss = self._global(total, count)
+        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = float("nan") if grad_norm is None else float(grad_norm)
+        skipped = not (torch.isfinite(torch.tensor(loss)) and torch.isfinite(torch.tensor(grad_norm)))
+        return StepResult(loss=loss, grad_norm=grad_norm, lr=lr, skipped=skipped)
+
+    @torch.no_grad()
+    def eval_loss(self, batches: list[list[dict]]) -> float:
+        self.engine.eval()
+        total, count = 0.0, 0.0
+        for micro_batches in batches:
+            for batch in micro_batches:
+                loss_sum, n = self._loss_sums(batch)
+                total, count = total + float(loss_sum), count + float(n)
+        self.engine.train()
+        return self._global(total, count)
+
+    def save(self, path: str, common: dict) -> None:
+        self.engine.save_checkpoint(path, tag=TAG, client_state={"common": common})
+
+    def load(self, path: str) -> dict:
+        _, client = self.engine.load_checkpoint(path, tag=TAG, load_optimizer_states=True,
+                                                load_lr_scheduler_states=False)
+        if client is None:
+            raise ValueError(f"checkpoint {path}: DeepSpeed found no checkpoint to load")
+        return client["common"]
