@@ -1,0 +1,123 @@
+"""Single-process model features (one spawned gloo rank, float64, torch scan backend):
+
+- packed sequences (cu_seqlens) give the same per-token loss as the documents run
+  separately, for a pure KLA and a hybrid pattern;
+- recurrent decoding (prefill, then one token at a time with the O(1) state) reproduces the
+  full-sequence logits;
+- activation recomputation (whole layers, or only the scan) leaves loss and gradients as is;
+- the analytic parameter count equals an instantiated model's for a spread of settings.
+"""
+import pytest
+import torch
+
+from tests import test_model_helpers as h
+from tests.dist_utils import run_on_ranks
+
+DOCS = (5, 3)
+COUNT_CASES = {
+    "plain_untied": dict(pattern="K-K-", preset="plain"),
+    "mamba_tied": dict(pattern="KK-", preset="mamba", tie_embeddings=True),
+    "hybrid_gqa_rope": dict(pattern="K*-", num_query_groups=2, position_embedding="rope"),
+    "layernorm_gelu": dict(pattern="K-*", normalization="LayerNorm", swiglu=False, ffn_hidden_size=48,
+                           kla_heads=4, d_state=3, conv_kernel=2),
+}
+
+
+def _packed_vs_separate(pattern):
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    model = h.build(h.tiny_config(pattern, "plain"))
+    h.det_init(model)
+    gen = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, h.V, (1, sum(DOCS)), generator=gen)
+    labels = torch.randint(0, h.V, (1, sum(DOCS)), generator=gen)
+    cu = torch.tensor([0, DOCS[0], sum(DOCS)], dtype=torch.int32)
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max(DOCS),
+                             max_seqlen_kv=max(DOCS))
+    with torch.no_grad():
+        packed = model(tokens, None, None, labels=labels, packed_seq_params=params)
+        separate = torch.cat([model(tokens[:, a:b], None, None, labels=labels[:, a:b])
+                              for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())], dim=1)
+        unpacked = model(tokens, None, None, labels=labels)  # guards the test: packing matters
+    return packed, separate, unpacked
+
+
+def _decode_vs_full():
+    model = h.build(h.tiny_config("K-K-", "mamba"))
+    h.det_init(model)
+    model.eval()
+    tokens = torch.randint(0, h.V, (2, 7), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        full = model(tokens, None, None)
+        state = model.new_inference_state(batch_size=2)
+        steps = [model(tokens[:, :4], None, None, inference_state=state)]
+        for t in range(4, 7):
+            steps.append(model(tokens[:, t : t + 1], None, None, inference_state=state))
+    return full, torch.cat(steps, dim=1)
+
+
+def _recompute():
+    out = {}
+    variants = {"none": ({}, False), "full": (dict(recompute_granularity="full", recompute_method="uniform",
+                                                   recompute_num_layers=1), False), "scan": ({}, True)}
+    for name, (overrides, scan) in variants.items():
+        model = h.build(h.tiny_config("K*K-", "plain", recompute_scan=scan), **overrides)
+        h.det_init(model)
+        loss = h.run_schedule(model, h.batches())
+        out[name] = (loss, {n: p.grad.clone() for n, p in model.named_parameters()})
+    return out
+
+
+def _counts():
+    from kla_megatron.models import num_parameters
+
+    counts = {}
+    for name, case in COUNT_CASES.items():
+        case = dict(case)
+        cfg = h.tiny_config(case.pop("pattern"), case.pop("preset", "plain"), **case)
+        model = h.build(cfg)
+        counts[name] = (num_parameters(cfg), sum(p.numel() for p in model.parameters()))
+    return counts
+
+
+def _body(rank, world_size):
+    h.setup_parallel(1, 1)
+    return dict(
+        packed={p: _packed_vs_separate(p) for p in ("K-K-", "K*K-")},
+        decode=_decode_vs_full(),
+        recompute=_recompute(),
+        counts=_counts(),
+    )
+
+
+@pytest.fixture(scope="module")
+def results():
+    return run_on_ranks(_body, world_size=1)[0]
+
+
+@pytest.mark.parametrize("pattern", ["K-K-", "K*K-"])
+def test_packed_sequences_equal_separate_documents(results, pattern):
+    packed, separate, unpacked = results["packed"][pattern]
+    torch.testing.assert_close(packed, separate, rtol=1e-6, atol=1e-9)
+    assert not torch.allclose(unpacked[:, DOCS[0]:], separate[:, DOCS[0]:], rtol=1e-4)
+
+
+def test_recurrent_decoding_matches_full_forward(results):
+    full, stepped = results["decode"]
+    assert stepped.shape == full.shape
+    torch.testing.assert_close(stepped, full, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("variant", ["full", "scan"])
+def test_recompute_keeps_loss_and_gradients(results, variant):
+    base_loss, base_grads = results["recompute"]["none"]
+    loss, grads = results["recompute"][variant]
+    assert loss == pytest.approx(base_loss, rel=1e-12)
+    for name, grad in base_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-10, atol=1e-13, msg=name)
+
+
+@pytest.mark.parametrize("case", list(COUNT_CASES))
+def test_parameter_formula_matches_instantiated_model(results, case):
+    formula, actual = results["counts"][case]
+    assert formula == actual
