@@ -1,7 +1,8 @@
 """Worker side of ``preprocess``: decode and tokenize one chunk of raw documents.
 
 Runs in spawned worker processes (or in-process with one worker), so it imports only
-numpy and sentencepiece. A chunk's result depends only on the chunk, which is what makes
+numpy and sentencepiece. Encoding goes through the word cache of ``cached_encode.py``
+(same ids as sentencepiece, faster). A chunk's result depends only on the chunk, which is what makes
 multi-worker output byte-identical to single-worker output.
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
+from .cached_encode import CachedEncoder
 from .inputs import Problem, decode_document
 from .sentences import split_sentences
 
@@ -49,17 +51,15 @@ _STATE: dict = {}
 
 def init_worker(model_path: str, json_key: str, split: bool) -> None:
     """Load the tokenizer once per worker process."""
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=model_path)
-    eod = sp.eos_id()
+    encoder = CachedEncoder(model_path)
+    eod = encoder.sp.eos_id()
     if eod < 0:
         raise ValueError(f"tokenizer {model_path} has no EOS piece to use as EOD; retrain it with an --eos-id")
-    _STATE.update(sp=sp, eod=eod, json_key=json_key, split=split)
+    _STATE.update(encoder=encoder, eod=eod, json_key=json_key, split=split)
 
 
 def encode_chunk(chunk: Chunk) -> EncodedChunk:
-    sp, eod, split = _STATE["sp"], _STATE["eod"], _STATE["split"]
+    encode, eod, split = _STATE["encoder"].encode, _STATE["eod"], _STATE["split"]
     texts: List[str] = []
     per_doc: List[int] = []
     problems: List[Problem] = []
@@ -72,7 +72,7 @@ def encode_chunk(chunk: Chunk) -> EncodedChunk:
         texts.extend(pieces if pieces is not None else (text,))
         per_doc.append(len(pieces) if pieces is not None else 1)
 
-    ids = sp.encode(texts, out_type=int) if texts else []
+    ids = [encode(t) for t in texts]
     # EOD closes the document: append it to each document's last sequence.
     last = np.cumsum(per_doc, dtype=np.int64) - 1
     for i in last.tolist():
