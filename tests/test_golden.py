@@ -59,8 +59,6 @@ def _mixer_case(case):
     assert not unexpected and all(k.endswith("_extra_state") for k in missing), (missing, unexpected)
 
     x = arrays["x"].transpose(0, 1).contiguous()  # [s, b, D]
-    from kla_megatron.layers import KLALayerState
-
     state = mixer.initial_inference_state(x.shape[1])
     with torch.no_grad():
         (out, bias), out_var = mixer(x, inference_state=state, return_variance=True)

@@ -84,7 +84,7 @@ def det_init(model, salt=""):
             shape = list(param.shape)
             if getattr(param, "tensor_model_parallel", False):
                 shape[param.partition_dim] *= tp
-            full = torch.randn(shape, generator=gen, dtype=torch.float64)
+            full = torch.randn(shape, generator=gen, dtype=torch.float64).to(param.device)
             if "norm" in gname:
                 full = 1 + 0.1 * full
             elif gname.endswith((".p", ".lambda_skip")):
@@ -113,9 +113,12 @@ def run_schedule(model, data, forward_only=False, packed_seq_params=None):
         loss = output.float().mean() if output.dtype != torch.float64 else output.mean()
         return loss, {"loss": loss.detach()}
 
+    device = next(model.parameters()).device
+
     def forward_step(iterator, model):
         batch = next(iterator)
-        out = model(batch["tokens"], None, None, labels=batch["labels"], packed_seq_params=packed_seq_params)
+        tokens, labels = batch["tokens"].to(device), batch["labels"].to(device)
+        out = model(tokens, None, None, labels=labels, packed_seq_params=packed_seq_params)
         return out, loss_func
 
     model.zero_grad(set_to_none=True)
@@ -146,7 +149,7 @@ def local_grads(model):
     for name, param in model.named_parameters():
         sharded = getattr(param, "tensor_model_parallel", False) and tp > 1
         grads[global_name(model, name)] = (
-            param.grad.detach().clone(),
+            param.grad.detach().cpu().clone(),
             param.partition_dim if sharded else None,
             getattr(param, "partition_stride", 1),
         )

@@ -24,7 +24,7 @@ context-parallel helper replaces exactly these two calls (halo exchange, carry e
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
 import torch
