@@ -80,9 +80,22 @@ def _counts():
     return counts
 
 
+def _bf16_cast():
+    """Float16Module-style model.bfloat16(): SSM parameters stay fp32 and exact."""
+    model = h.build(h.tiny_config("K-", "plain"), dtype=torch.float32)
+    h.det_init(model)
+    mixer = model.decoder.layers[0].mixer
+    before = {n: getattr(mixer, n).detach().clone() for n in mixer._FP32_PARAMS}
+    model.bfloat16()
+    after = {n: getattr(mixer, n).detach().clone() for n in mixer._FP32_PARAMS}
+    loss = model(torch.randint(0, h.V, (1, 8)), None, None, labels=torch.randint(0, h.V, (1, 8)))
+    return before, after, mixer.in_proj.weight.dtype, loss.dtype, bool(torch.isfinite(loss).all())
+
+
 def _body(rank, world_size):
     h.setup_parallel(1, 1)
     return dict(
+        bf16=_bf16_cast(),
         packed={p: _packed_vs_separate(p) for p in ("K-K-", "K*K-")},
         decode=_decode_vs_full(),
         recompute=_recompute(),
@@ -121,3 +134,11 @@ def test_recompute_keeps_loss_and_gradients(results, variant):
 def test_parameter_formula_matches_instantiated_model(results, case):
     formula, actual = results["counts"][case]
     assert formula == actual
+
+
+def test_bf16_cast_keeps_ssm_parameters_fp32(results):
+    before, after, linear_dtype, loss_dtype, finite = results["bf16"]
+    assert linear_dtype == torch.bfloat16 and loss_dtype == torch.float32 and finite
+    for name, value in before.items():
+        assert after[name].dtype == torch.float32, name
+        assert torch.equal(after[name], value), name

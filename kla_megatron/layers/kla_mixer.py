@@ -257,6 +257,20 @@ class KLAMixer(MegatronModule):
         self.lambda_skip = torch.nn.Parameter(torch.full((), mc.lambda_skip_init, dtype=fp32, device=device))
         _mark(self.lambda_skip, tp_dim=None, no_wd=True)
 
+    _FP32_PARAMS = ("A_log", "delta_raw", "p", "lambda_skip")
+
+    def _apply(self, fn, recurse=True):
+        # megatron's Float16Module calls model.bfloat16(): keep the SSM parameters fp32 (their
+        # values, not a bf16 round trip) so Δ, ā, p̄ are computed from fp32 numbers; the
+        # mixed-precision optimizer keeps fp32 parameters in its own group.
+        keep = {name: getattr(self, name).data for name in self._FP32_PARAMS}
+        super()._apply(fn, recurse)
+        for name, old in keep.items():
+            param = getattr(self, name)
+            if param.dtype in (torch.float16, torch.bfloat16) and old.dtype == torch.float32:
+                param.data = old.to(param.device)
+        return self
+
     def dynamics(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """Discrete (ā, p̄) ``[H_local, P, S]`` in fp32 (fp64 for an fp64 model)."""
         dtype = torch.float64 if self.A_log.dtype == torch.float64 else torch.float32
