@@ -52,19 +52,21 @@ class CachedEncoder:
                 and "\n" in user and not any((" " in s or "\n" in s) and s != "\n" for s in user))
 
     def encode(self, text: str) -> List[int]:
-        if not self.enabled or not text:
-            return self.sp.encode(text, out_type=int)
-        if self.dummy_prefix:
-            text = " " + text
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: List[str]) -> List[List[int]]:
+        """Encode several texts; cache misses go to sentencepiece in one batched call."""
+        if not self.enabled:
+            return self.sp.encode(texts, out_type=int)
         cache = self._cache
         if len(cache) > _CACHE_LIMIT:
             cache.clear()
-        segments = _SEGMENT.findall(text)
-        # map/chain keep the per-segment work in C; only cache misses run Python code
-        found = list(map(cache.get, segments))
-        if None in found:
-            seg_encode = self._seg_sp.encode
-            for i, ids in enumerate(found):
-                if ids is None:
-                    found[i] = cache[segments[i]] = seg_encode(segments[i], out_type=int)
-        return list(chain.from_iterable(found))
+        prefix = " " if self.dummy_prefix else ""
+        # sentencepiece encodes "" as no ids at all, without the dummy prefix
+        segmented = [_SEGMENT.findall(prefix + t) if t else [] for t in texts]
+        missing = list({seg for segs in segmented for seg in segs if seg not in cache})
+        if missing:
+            cache.update(zip(missing, self._seg_sp.encode(missing, out_type=int)))
+        get = cache.__getitem__
+        # map/chain keep the per-segment work in C
+        return [list(chain.from_iterable(map(get, segs))) for segs in segmented]

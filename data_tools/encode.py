@@ -59,7 +59,7 @@ def init_worker(model_path: str, json_key: str, split: bool) -> None:
 
 
 def encode_chunk(chunk: Chunk) -> EncodedChunk:
-    encode, eod, split = _STATE["encoder"].encode, _STATE["eod"], _STATE["split"]
+    encode_batch, eod, split = _STATE["encoder"].encode_batch, _STATE["eod"], _STATE["split"]
     texts: List[str] = []
     per_doc: List[int] = []
     problems: List[Problem] = []
@@ -72,7 +72,7 @@ def encode_chunk(chunk: Chunk) -> EncodedChunk:
         texts.extend(pieces if pieces is not None else (text,))
         per_doc.append(len(pieces) if pieces is not None else 1)
 
-    ids = [encode(t) for t in texts]
+    ids = encode_batch(texts)
     # EOD closes the document: append it to each document's last sequence.
     last = np.cumsum(per_doc, dtype=np.int64) - 1
     for i in last.tolist():
