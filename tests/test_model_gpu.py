@@ -45,8 +45,8 @@ def _layouts(rank, world_size):
         if tp * pp > world_size:
             continue
         h.setup_parallel(tp, pp)
-        for key, (pattern, preset) in PATTERNS.items():
-            model = h.build(h.tiny_config(pattern, preset), tp, pp, sp).cuda()
+        for key, (pattern, preset, extra) in PATTERNS.items():
+            model = h.build(h.tiny_config(pattern, preset, **extra), tp, pp, sp).cuda()
             h.det_init(model)
             loss = h.run_schedule(model, h.batches())
             h.finish_grads(model)
@@ -76,10 +76,11 @@ def test_parallel_layouts_match_single_gpu_nccl(tmp_path):
 def _bf16_run(rank, world_size):
     h.setup_parallel(1, 1)
     out = {}
-    for key, (pattern, preset) in PATTERNS.items():
+    for key, (pattern, preset, extra) in PATTERNS.items():
         for backend in ("torch", "triton"):
             cfg = h.tiny_config(pattern, preset, hidden_size=256, kla_heads=4, d_state=16, num_attention_heads=4,
-                                ffn_hidden_size=512, kla_var_rank=32, scan_backend=backend, max_seq_len=512)
+                                ffn_hidden_size=512, kla_var_rank=32, scan_backend=backend, max_seq_len=512,
+                                **extra)
             model = h.build(cfg, dtype=torch.bfloat16).cuda()
             h.det_init(model)
             tokens = torch.randint(0, h.V, (2, 512), generator=torch.Generator().manual_seed(0)).cuda()

@@ -17,6 +17,24 @@ import torch
 V, SEQ, MICRO_BATCHES = 64, 8, 2
 
 
+def mixer_variance(model, tp, sp):
+    """(out, out_var) of the first KLA mixer on a fixed input, gathered to the full sequence."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+    x = torch.randn(SEQ, 2, model.config.hidden_size, generator=torch.Generator().manual_seed(9),
+                    dtype=model.config.params_dtype)
+    if sp:
+        rank = parallel_state.get_tensor_model_parallel_rank()
+        x = x.chunk(tp, dim=0)[rank].contiguous()
+    mixer = next(layer.mixer for layer in model.decoder.layers if hasattr(layer, "mixer"))
+    with torch.no_grad():
+        (out, _), out_var = mixer(x, return_variance=True)
+    if sp:
+        out, out_var = gather_from_sequence_parallel_region(out), gather_from_sequence_parallel_region(out_var)
+    return out, out_var
+
+
 def tiny_config(pattern="K-K-", preset="plain", **overrides):
     from kla_megatron.models import KLAModelConfig
 
@@ -79,6 +97,8 @@ def det_init(model, salt=""):
     with torch.no_grad():
         for name, param in model.named_parameters():
             gname = global_name(model, name)
+            if gname == "output_layer.weight" and model.share_embeddings_and_output_weights:
+                gname = "embedding.word_embeddings.weight"  # the last stage's copy of the tied weight
             seed = int(hashlib.md5((salt + gname).encode()).hexdigest()[:8], 16)
             gen = torch.Generator().manual_seed(seed)
             shape = list(param.shape)
@@ -132,14 +152,18 @@ def run_schedule(model, data, forward_only=False, packed_seq_params=None):
 
 
 def finish_grads(model):
-    """What finalize_model_grads does for us here: sum SP-replicated grads over TP."""
+    """What finalize_model_grads does for a DDP-wrapped model: sum SP-replicated grads over
+    TP, and the tied embedding / output weight grads over the first and last stages."""
     from megatron.core import parallel_state
 
-    if not model.config.sequence_parallel:
-        return
-    for param in model.parameters():
-        if getattr(param, "sequence_parallel", False) and param.grad is not None:
-            torch.distributed.all_reduce(param.grad, group=parallel_state.get_tensor_model_parallel_group())
+    if model.config.sequence_parallel:
+        for param in model.parameters():
+            if getattr(param, "sequence_parallel", False) and param.grad is not None:
+                torch.distributed.all_reduce(param.grad, group=parallel_state.get_tensor_model_parallel_group())
+    if model.share_embeddings_and_output_weights and parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        if model.pre_process or model.post_process:
+            weight = model.shared_embedding_or_output_weight()
+            torch.distributed.all_reduce(weight.grad, group=parallel_state.get_embedding_group())
 
 
 def local_grads(model):
@@ -147,6 +171,8 @@ def local_grads(model):
     tp, rank = _tp()
     grads = {}
     for name, param in model.named_parameters():
+        if name == "output_layer.weight" and model.share_embeddings_and_output_weights:
+            continue  # the last stage's copy of the tied weight: compared through the embedding
         sharded = getattr(param, "tensor_model_parallel", False) and tp > 1
         grads[global_name(model, name)] = (
             param.grad.detach().cpu().clone(),

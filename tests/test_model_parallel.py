@@ -1,6 +1,7 @@
 """TP=2, TP=2+SP, PP=2 and TP=2×PP=2 equal the single-process model on the loss and on
-every parameter gradient (gathered to full tensors), for a pure KLA pattern and a hybrid
-one. Megatron's forward-backward schedule drives every layout (2 micro-batches); CPU/gloo,
+every parameter gradient (gathered to full tensors), for a pure KLA pattern, a hybrid one
+("mamba" preset), a hybrid with rope + grouped-query attention, and tied embeddings (which
+PP splits over the first and last stage); the mixer's output variance is TP/SP-invariant. Megatron's forward-backward schedule drives every layout (2 micro-batches); CPU/gloo,
 float64 (megatron's vocab-parallel cross-entropy computes in fp32, so losses and gradients
 agree to fp32 round-off, not fp64), torch scan backend. One 4-rank job re-initialises the parallel state per layout
 (spare ranks are data-parallel replicas), because starting processes dominates the cost.
@@ -11,7 +12,12 @@ import torch
 from tests import test_model_helpers as h
 from tests.dist_utils import run_on_ranks
 
-PATTERNS = {"kla": ("K-K-", "plain"), "hybrid": ("K*K-", "mamba")}
+PATTERNS = {
+    "kla": ("K-K-", "plain", {}),
+    "hybrid": ("K*K-", "mamba", {}),
+    "hybrid_rope_gqa": ("*K-K", "plain", dict(position_embedding="rope", num_query_groups=2)),
+    "kla_tied": ("KK-K", "plain", dict(tie_embeddings=True)),
+}
 LAYOUTS = {"single": (1, 1, False), "tp2": (2, 1, False), "tp2_sp": (2, 1, True), "pp2": (1, 2, False),
            "tp2_pp2": (2, 2, True)}
 
@@ -20,12 +26,14 @@ def _body(rank, world_size):
     out = {}
     for layout, (tp, pp, sp) in LAYOUTS.items():
         h.setup_parallel(tp, pp)
-        for key, (pattern, preset) in PATTERNS.items():
-            model = h.build(h.tiny_config(pattern, preset), tp, pp, sp)
+        for key, (pattern, preset, extra) in PATTERNS.items():
+            model = h.build(h.tiny_config(pattern, preset, **extra), tp, pp, sp)
             h.det_init(model)
             loss = h.run_schedule(model, h.batches())
             h.finish_grads(model)
             out[layout, key] = dict(loss=loss, **h.local_grads(model))
+            if pp == 1 and key == "hybrid":
+                out[layout, "variance"] = h.mixer_variance(model, tp, sp)
     h.setup_parallel(2, 1)
     cfg = h.tiny_config(kla_heads=1)
     try:  # built under TP=2 from a TP=1 TransformerConfig: the model itself must refuse
@@ -62,3 +70,13 @@ def test_heads_not_divisible_by_tp_fails_at_construction(results):
     message = results[0]["bad_heads_error"]
     assert message is not None, "building H=1 under TP=2 did not raise"
     assert "kla_heads" in message and "multiple of 2" in message
+
+
+@pytest.mark.parametrize("layout", ["tp2", "tp2_sp"])
+def test_mixer_output_variance_is_tp_invariant(results, layout):
+    ref_out, ref_var = results[0]["single", "variance"]
+    for r in results:
+        out, var = r[layout, "variance"]
+        torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(var, ref_var, rtol=1e-10, atol=1e-13)
+    assert (ref_var > 0).all()

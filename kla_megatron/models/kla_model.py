@@ -84,6 +84,13 @@ class KLAModel(LanguageModule):
             raise ValueError("KLAModel: recurrent decoding needs a pattern without '*' layers (no KV cache here)")
         return KLAInferenceState(batch_size)
 
+    def _sequence_length(self, input_ids, decoder_input) -> int:
+        """Full sequence length (hidden states are [s/TP, b, h] under sequence parallelism)."""
+        if input_ids is not None:
+            return input_ids.shape[1]
+        hidden = decoder_input if decoder_input is not None else self.decoder.input_tensor
+        return hidden.shape[0] * (self.pg_collection.tp.size() if self.config.sequence_parallel else 1)
+
     def forward(self, input_ids, position_ids=None, attention_mask=None, labels=None, packed_seq_params=None,
                 inference_state: Optional[KLAInferenceState] = None, decoder_input=None):
         if inference_state is not None and self.has_attention:
@@ -92,8 +99,7 @@ class KLAModel(LanguageModule):
             decoder_input = self.embedding(input_ids=input_ids, position_ids=None)
         rotary_pos_emb = None
         if self.position_embedding_type == "rope":
-            seq_len = input_ids.shape[1] if input_ids is not None else self.decoder.input_tensor.shape[0]
-            rotary_pos_emb = self.rotary_pos_emb(seq_len)
+            rotary_pos_emb = self.rotary_pos_emb(self._sequence_length(input_ids, decoder_input))
         if self.has_attention and packed_seq_params is not None and attention_mask is None:
             attention_mask = _document_causal_mask(packed_seq_params.cu_seqlens_q)
         hidden_states = self.decoder(decoder_input, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb,
