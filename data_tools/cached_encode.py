@@ -30,9 +30,14 @@ class CachedEncoder:
 
     def __init__(self, model_path: str):
         import sentencepiece as spm
-        from sentencepiece import sentencepiece_model_pb2 as pb
 
         self.sp = spm.SentencePieceProcessor(model_file=model_path)
+        self._cache: Dict[str, List[int]] = {}
+        try:  # reading the model's settings needs protobuf; without it, encode plainly
+            from sentencepiece import sentencepiece_model_pb2 as pb
+        except ImportError:
+            self.enabled = False
+            return
         proto = pb.ModelProto()
         with open(model_path, "rb") as f:
             proto.ParseFromString(f.read())
@@ -41,7 +46,6 @@ class CachedEncoder:
         if self.enabled:
             proto.normalizer_spec.add_dummy_prefix = False
             self._seg_sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
-        self._cache: Dict[str, List[int]] = {}
 
     @staticmethod
     def _segmentable(proto) -> bool:
