@@ -45,6 +45,8 @@ from megatron.core.transformer.utils import (
 from megatron.core.utils import divide
 
 from kla_megatron.ops.kla import discretize, kla_decode_step, kla_scan
+from kla_megatron.parallel import MODEL_CP_LAYOUT, cp_causal_conv, cp_kla_scan
+from kla_megatron.parallel.sharding import shard
 
 from .inference_state import KLALayerState
 from .sharding import split_sharded_tensor
@@ -163,6 +165,10 @@ class KLAMixer(MegatronModule):
         self.tp_group = pg_collection.tp
         self.tp_size = self.tp_group.size()
         self.tp_rank = self.tp_group.rank()
+        # Context parallelism: the sequence is sharded in megatron's load-balanced order; the
+        # scan and the conv exchange carries/halos over this group (kla_megatron.parallel).
+        self.cp_group = getattr(pg_collection, "cp", None)
+        self.cp_size = self.cp_group.size() if self.cp_group is not None else 1
         self.mc = mixer_config
         self.layer_number = layer_number
         mc, D = mixer_config, config.hidden_size
@@ -306,6 +312,19 @@ class KLAMixer(MegatronModule):
         new_window = padded[:, padded.shape[1] - (K - 1) :].transpose(1, 2)
         return y, new_window
 
+    def _cp_conv(self, z, packed_seq_params, inference_state):
+        """The conv over this rank's context-parallel shard (halo from the previous chunk);
+        packed ``cu_seqlens`` are global offsets. Returns ``(conv output, cu_seqlens)``."""
+        if inference_state is not None:
+            raise ValueError("KLAMixer: inference_state is not supported under context parallelism (set cp=1)")
+        b, s, _ = z.shape
+        cu_seqlens, position_in_doc = _packing(packed_seq_params, b, s * self.cp_size, z.device)
+        if position_in_doc is not None:
+            position_in_doc = shard(position_in_doc[None], self.cp_group.rank(), self.cp_size, MODEL_CP_LAYOUT)[0]
+        out = cp_causal_conv(self.causal_conv, z, kernel_size=self.mc.conv_kernel, cp_group=self.cp_group,
+                             layout=MODEL_CP_LAYOUT, position_in_doc=position_in_doc)
+        return out, cu_seqlens
+
     def sensors(self, z: torch.Tensor):
         """z ``[b, s, M_local]`` → v, Λv ``[b, s, H, P]``; k, q ``[b, s, H, S]`` (scan dtype)."""
         b, s, _ = z.shape
@@ -324,14 +343,11 @@ class KLAMixer(MegatronModule):
         """The filter over the local heads (see ``kla_scan``); one call site for CP routing."""
 
         def run(v, lambda_v, k, q, a, p, *state):
-            return kla_scan(
-                v, lambda_v, k, q, a, p,
-                initial_state=tuple(state) if state else None,
-                output_final_state=output_final_state,
-                cu_seqlens=cu_seqlens,
-                backend=self.mc.scan_backend,
-                check_values=False,
-            )
+            kwargs = dict(initial_state=tuple(state) if state else None, output_final_state=output_final_state,
+                          cu_seqlens=cu_seqlens, backend=self.mc.scan_backend)
+            if self.cp_size > 1:
+                return cp_kla_scan(v, lambda_v, k, q, a, p, cp_group=self.cp_group, layout=MODEL_CP_LAYOUT, **kwargs)
+            return kla_scan(v, lambda_v, k, q, a, p, check_values=False, **kwargs)
 
         state = tuple(initial_state) if initial_state is not None else ()
         with torch.autocast(device_type=v.device.type, enabled=False):
@@ -363,9 +379,13 @@ class KLAMixer(MegatronModule):
         z, gate = zg.split(self.d_inner_local, dim=-1)
         b, s, _ = z.shape
 
-        cu_seqlens, position_in_doc = _packing(packed_seq_params, b, s, z.device)
-        window = inference_state.conv if inference_state is not None else None
-        z, new_window = self.causal_conv(z, window, position_in_doc)
+        if self.cp_size > 1:
+            z, cu_seqlens = self._cp_conv(z, packed_seq_params, inference_state)
+            new_window = None
+        else:
+            cu_seqlens, position_in_doc = _packing(packed_seq_params, b, s, z.device)
+            window = inference_state.conv if inference_state is not None else None
+            z, new_window = self.causal_conv(z, window, position_in_doc)
         z = F.silu(z)
 
         v, lambda_v, k, q = self.sensors(z)

@@ -17,6 +17,8 @@ from typing import Dict, List, Optional
 import torch
 
 LAYOUTS = ("contiguous", "load_balanced")
+# The order KLA models use under CP: megatron's, so attention layers and the data path agree.
+MODEL_CP_LAYOUT = "load_balanced"
 
 
 def check_layout(layout: str) -> None:
