@@ -15,7 +15,7 @@ from tests.dist_utils import run_on_ranks
 REPO = Path(__file__).resolve().parents[1]
 
 TINY_MODEL = """\
-vocab_size: 256
+vocab_size: 512
 hidden_size: 32
 num_layers: 4
 layer_pattern: "K-*-"
@@ -32,7 +32,7 @@ def _argv(model_yaml, ckpt_dir, *extra):
             "--set", "train.seq_length=32", "--set", "train.micro_batch_size=2",
             "--set", "train.global_batch_size=4", "--set", "train.steps=6", "--set", "train.warmup_steps=1",
             "--set", "train.eval_interval=0", "--set", "train.deterministic=true",
-            "--set", "checkpoint.keep_last=0", "--set", "logging.interval=1", *extra]
+            "--set", "checkpoint.keep_last=0", "--set", "logging.interval=1", "--set", "data.kind=mock", *extra]
 
 
 def _runs(rank, world, runs):
@@ -46,7 +46,7 @@ def _runs(rank, world, runs):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             h = run(argv)
-        out.append({"losses": dict(h.losses), "start": h.start_step, "resumed_from": h.resumed_from,
+        out.append({"losses": dict(h.losses), "valid": dict(h.valid), "start": h.start_step, "resumed_from": h.resumed_from,
                     "final": h.final_step, "warnings": [str(w.message) for w in caught]})
     return out
 
@@ -58,15 +58,55 @@ def model_yaml(tmp_path_factory):
     return path
 
 
-def test_tiny_model_loss_falls(model_yaml, tmp_path):
+def test_tiny_model_loss_falls_on_the_sample_corpus(model_yaml, tmp_path):
+    """Real text (data_tools' sample corpus, indexed dataset, packed documents), validation on."""
+    from data_tools.prepare_sample import prepare_sample
+
+    sample = prepare_sample(str(tmp_path / "data"), vocab_size=512)
     argv = _argv(model_yaml, tmp_path / "ck", "--set", "train.steps=30", "--set", "train.deterministic=false",
-                 "--set", "train.lr=5e-3")
+                 "--set", "train.lr=5e-3", "--set", "data.kind=indexed", "--set", "data.split=90,10,0",
+                 "--set", f"data.blend=[{sample['data_prefix']}]", "--set", f"data.tokenizer={sample['tokenizer_model']}",
+                 "--set", "train.eval_interval=15", "--set", "train.eval_iters=1")
     (res,) = run_on_ranks(_runs, world_size=1, args=([argv],))[0]
     losses = [res["losses"][s] for s in sorted(res["losses"])]
     assert len(losses) == 30 and all(math.isfinite(x) for x in losses)
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-    assert last < first - 1.0, f"loss did not fall: first5 {first:.3f} last5 {last:.3f}"
+    assert last < first - 0.8, f"loss did not fall: first5 {first:.3f} last5 {last:.3f}"
+    assert sorted(res["valid"]) == [15, 30] and res["valid"][30] < res["valid"][15]
     assert (tmp_path / "ck" / "iter_0000030" / "manifest.json").exists()
+
+
+def test_nonfinite_loss_aborts_and_keeps_the_last_good_checkpoint(model_yaml, tmp_path):
+    """An absurd lr blows the weights up after step 1; step 2's loss is non-finite."""
+    ck = tmp_path / "ck"
+    common = ("--set", "train.lr=1e30", "--set", "train.min_lr=1e30", "--set", "train.warmup_steps=0",
+              "--set", "train.clip_grad=0", "--set", "checkpoint.save_interval=1")
+    runs = [_argv(model_yaml, ck, *common, "--set", "train.nan_policy=abort"),
+            _argv(model_yaml, tmp_path / "ck2", *common, "--set", "train.nan_policy=skip",
+                  "--set", "train.max_skipped_steps=2")]
+    abort, skip = run_on_ranks(_fails, world_size=1, args=(runs,))[0]
+    assert abort.startswith("step 2: non-finite") and "aborting" in abort
+    from kla_megatron.training import checkpoint
+
+    assert [s for s, _ in checkpoint.complete_checkpoints(str(ck))] == [1]
+    assert skip.startswith("step 4: non-finite") and "aborting" in skip  # skipped steps 2 and 3, then gave up
+    # skipped steps leave the weights alone, so saving after them is fine; step 4 was never saved
+    assert [s for s, _ in checkpoint.complete_checkpoints(str(tmp_path / "ck2"))] == [1, 2, 3]
+
+
+def _fails(rank, world, runs):
+    from kla_megatron.train import run
+    from kla_megatron.training.trainer import NonFiniteError
+
+    messages = []
+    for argv in runs:
+        try:
+            run(argv)
+        except NonFiniteError as exc:
+            messages.append(str(exc))
+        else:
+            raise AssertionError("training did not stop on a non-finite loss")
+    return messages
 
 
 def test_exact_resume_and_layout_change(model_yaml, tmp_path):

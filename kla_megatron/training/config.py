@@ -123,7 +123,7 @@ class TrainConfig:
     eval_iters: int = 4
     """Global batches per validation."""
     kla_backend: str = "auto"
-    """Scan backend passed to the model ('auto', 'torch', 'triton', 'naive')."""
+    """KLA scan backend; anything but 'auto' replaces the model config's scan_backend."""
 
     def __post_init__(self):
         _positive("train", steps=self.steps, micro_batch_size=self.micro_batch_size,
@@ -175,6 +175,9 @@ class DataConfig:
         _one_of("data", "kind", self.kind, ("mock", "indexed"))
         if self.kind == "indexed" and not self.blend:
             raise ValueError("data: kind 'indexed' needs data.blend (a list of corpus path prefixes)")
+        if self.kind == "indexed" and not self.tokenizer:
+            raise ValueError("data: kind 'indexed' needs data.tokenizer (the sentencepiece .model the corpus was "
+                             "tokenized with: its EOS id separates documents)")
         parts = self.split.split(",")
         if len(parts) != 3 or not all(p.strip().replace(".", "", 1).isdigit() for p in parts):
             raise ValueError(f"data.split must be three comma-separated numbers like '98,1,1', got {self.split!r}")

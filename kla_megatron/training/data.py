@@ -25,7 +25,7 @@ class Datasets:
 
 
 def _tokenizer(run: RunConfig, vocab_size: int):
-    if run.data.tokenizer is not None:
+    if run.data.kind == "indexed":
         from .tokenizer import load_tokenizer  # written with data_tools (sentencepiece adapter)
 
         tok = load_tokenizer(run.data.tokenizer)

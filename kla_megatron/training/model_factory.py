@@ -30,6 +30,8 @@ def load_model_config(run: RunConfig):
         cfg = models_api().load_model_config(run.model)
     except FileNotFoundError as exc:
         raise ValueError(f"model: {exc}") from None
+    if run.train.kla_backend != "auto":
+        cfg = dataclasses.replace(cfg, scan_backend=run.train.kla_backend)
     multiple = math.lcm(128, run.parallel.tensor)
     padded = -(-cfg.vocab_size // multiple) * multiple
     return dataclasses.replace(cfg, vocab_size=padded) if padded != cfg.vocab_size else cfg
