@@ -72,7 +72,7 @@ def outputs_and_grads(scan, inputs, seed=1, **kw):
     loss = 0
     outs = {"y": y, "y_var": y_var, "lam": lam, "eta": eta}
     for name, o in outs.items():
-        w = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype)
+        w = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(device=o.device, dtype=o.dtype)
         # Scale cotangents so every term contributes comparably to the loss.
         loss = loss + (w * o).sum() / (o.detach().abs().mean() + 1e-30)
     loss.backward()

@@ -7,8 +7,10 @@ Stages (kla_math.md §4–§5):
    writing y, y_var and, every CHUNK tokens, a checkpoint of the state. [B, L, H, P, S]
    never touches memory.
 2. ``_kla_bwd_kernel``: walks the chunks backwards; for each it replays the forward
-   from the checkpoint, keeping the CHUNK prior states in registers (an unrolled
-   tuple), then runs the contractive covariance-form adjoint recursion in reverse.
+   from the checkpoint, parking the CHUNK prior states in a per-program scratch block
+   (L2-resident), then runs the contractive covariance-form adjoint recursion in
+   reverse. (Holding them in registers needs a fully unrolled loop, which Triton
+   3.6 takes many minutes to compile.)
    dv and dλv are reduced over S inside the program; dk and dq are reduced over the
    program's channels, then either atomically added (fast) or written to a per-block
    partial buffer and summed (``deterministic=True``, bitwise reproducible).
@@ -107,7 +109,7 @@ def _kla_fwd_kernel(
 
 @triton.jit
 def _kla_bwd_kernel(
-    v, lambda_v, k, q, a, p, lam0, eta0, lam_t, eta_t, ck_sigma, ck_mu, cu_seqlens,
+    v, lambda_v, k, q, a, p, lam0, eta0, lam_t, eta_t, ck_sigma, ck_mu, cu_seqlens, scratch,
     d_y, d_yvar, d_lam_t, d_eta_t,
     d_v, d_lv, d_k, d_q, d_a, d_p, d_lam0, d_eta0,
     T, n_tokens, H: tl.constexpr, P: tl.constexpr, S: tl.constexpr,
@@ -144,47 +146,46 @@ def _kla_bwd_kernel(
 
     b_da = tl.zeros([BP, BS], tl.float32)
     b_dp = tl.zeros([BP, BS], tl.float32)
+    i_prog = i_nh.to(tl.int64) * N_PBLOCKS + i_p
+    p_scr_sigma = scratch + i_prog * 2 * CHUNK * BP * BS
+    p_scr_mu = p_scr_sigma + CHUNK * BP * BS
+    o_scr = tl.arange(0, BP)[:, None] * BS + o_s[None, :]
     for j in range(n_chunks - 1, -1, -1):
         t0 = bos + j * CHUNK
         o_ck = ((i_n + t0 // CHUNK) * H + i_h) * P * S + o_ps
         b_sigma = tl.load(ck_sigma + o_ck, mask=m_ps, other=1.0)
         b_mu = tl.load(ck_mu + o_ck, mask=m_ps, other=0.0)
-        # Replay: keep the prior state of every step of the chunk in registers.
-        hist_sigma = ()
-        hist_mu = ()
-        for i in tl.static_range(CHUNK):
+        # Replay the chunk, parking each step's prior state in this program's scratch rows
+        # (written and read by the same program, so they stay hot in L2).
+        n_steps = tl.minimum(CHUNK, eos - t0)
+        for i in range(0, n_steps):
             t = t0 + i
-            m_tp = m_p & ((o_p * 0 + t) < eos)
-            m_ts = m_s & ((o_s * 0 + t) < eos)
-            hist_sigma = hist_sigma + (b_sigma,)
-            hist_mu = hist_mu + (b_mu,)
+            tl.store(p_scr_sigma + i * BP * BS + o_scr, b_sigma)
+            tl.store(p_scr_mu + i * BP * BS + o_scr, b_mu)
             o_tp = (t * H + i_h) * P + o_p
             o_ts = (t * H + i_h) * S + o_s
-            b_v = tl.load(v + o_tp, mask=m_tp, other=0.0).to(tl.float32)
-            b_lv = tl.load(lambda_v + o_tp, mask=m_tp, other=0.0).to(tl.float32)
-            b_k = tl.load(k + o_ts, mask=m_ts, other=0.0).to(tl.float32)
+            b_v = tl.load(v + o_tp, mask=m_p, other=0.0).to(tl.float32)
+            b_lv = tl.load(lambda_v + o_tp, mask=m_p, other=0.0).to(tl.float32)
+            b_k = tl.load(k + o_ts, mask=m_s, other=0.0).to(tl.float32)
             b_phi = b_lv[:, None] * (b_k * b_k)[None, :]
             b_r = (b_v * b_lv)[:, None] * b_k[None, :]
             b_prior = b_a2 * b_sigma + b_noise
             b_iota = 1.0 / (1.0 + b_phi * b_prior)
             b_sigma = b_prior * b_iota
             b_mu = (b_a * b_mu + b_r * b_prior) * b_iota
-        for ii in tl.static_range(CHUNK):
-            i = CHUNK - 1 - ii
+        tl.debug_barrier()
+        for i in range(n_steps - 1, -1, -1):
             t = t0 + i
-            m_tp = m_p & ((o_p * 0 + t) < eos)
-            m_ts = m_s & ((o_s * 0 + t) < eos)
-            m_t = (o_ps * 0 + t) < eos  # this step is real (not padding past the sequence end)
             o_tp = (t * H + i_h) * P + o_p
             o_ts = (t * H + i_h) * S + o_s
-            b_v = tl.load(v + o_tp, mask=m_tp, other=0.0).to(tl.float32)
-            b_lv = tl.load(lambda_v + o_tp, mask=m_tp, other=0.0).to(tl.float32)
-            b_k = tl.load(k + o_ts, mask=m_ts, other=0.0).to(tl.float32)
-            b_q = tl.load(q + o_ts, mask=m_ts, other=0.0).to(tl.float32)
-            b_gy = tl.load(d_y + o_tp, mask=m_tp, other=0.0).to(tl.float32)
-            b_gv = tl.load(d_yvar + o_tp, mask=m_tp, other=0.0).to(tl.float32)
-            b_sp = hist_sigma[i]
-            b_mp = hist_mu[i]
+            b_v = tl.load(v + o_tp, mask=m_p, other=0.0).to(tl.float32)
+            b_lv = tl.load(lambda_v + o_tp, mask=m_p, other=0.0).to(tl.float32)
+            b_k = tl.load(k + o_ts, mask=m_s, other=0.0).to(tl.float32)
+            b_q = tl.load(q + o_ts, mask=m_s, other=0.0).to(tl.float32)
+            b_gy = tl.load(d_y + o_tp, mask=m_p, other=0.0).to(tl.float32)
+            b_gv = tl.load(d_yvar + o_tp, mask=m_p, other=0.0).to(tl.float32)
+            b_sp = tl.load(p_scr_sigma + i * BP * BS + o_scr)
+            b_mp = tl.load(p_scr_mu + i * BP * BS + o_scr)
             b_vlv = b_v * b_lv
             b_phi = b_lv[:, None] * (b_k * b_k)[None, :]
             b_r = b_vlv[:, None] * b_k[None, :]
@@ -200,26 +201,25 @@ def _kla_bwd_kernel(
             b_P = b_iota * b_iota * (b_S + (b_r - b_phi * b_a * b_mp) * b_M)
             b_dphi = -b_sigma * (b_sigma * b_S + b_mu * b_M)
             b_dr = b_sigma * b_M
-            # Padding steps (t ≥ eos) must leave the carries untouched.
-            b_cM = tl.where(m_t, b_a * b_iota * b_M, b_cM)
-            b_cS = tl.where(m_t, b_a2 * b_P, b_cS)
-            b_da += tl.where(m_t, 2.0 * b_a * b_sp * b_P + b_iota * b_mp * b_M, 0.0)
-            b_dp += tl.where(m_t, b_P, 0.0)
+            b_cM = b_a * b_iota * b_M
+            b_cS = b_a2 * b_P
+            b_da += 2.0 * b_a * b_sp * b_P + b_iota * b_mp * b_M
+            b_dp += b_P
 
             b_dvlv = tl.sum(b_dr * b_k[None, :], axis=1)
             b_dlv = tl.sum(b_dphi * (b_k * b_k)[None, :], axis=1) + b_v * b_dvlv
-            tl.store(d_v + o_tp, (b_lv * b_dvlv).to(d_v.dtype.element_ty), mask=m_tp)
-            tl.store(d_lv + o_tp, b_dlv.to(d_lv.dtype.element_ty), mask=m_tp)
+            tl.store(d_v + o_tp, (b_lv * b_dvlv).to(d_v.dtype.element_ty), mask=m_p)
+            tl.store(d_lv + o_tp, b_dlv.to(d_lv.dtype.element_ty), mask=m_p)
             b_dk = tl.sum(2.0 * b_lv[:, None] * b_k[None, :] * b_dphi + b_vlv[:, None] * b_dr, axis=0)
             b_dq = tl.sum(b_gy[:, None] * b_mu + 2.0 * b_gv[:, None] * b_q[None, :] * b_sigma, axis=0)
             if DETERMINISTIC or N_PBLOCKS == 1:
                 # One partial row per channel block: [N_PBLOCKS, tokens, H, S], summed outside.
                 o_part = i_p.to(tl.int64) * n_tokens * H * S + o_ts
-                tl.store(d_k + o_part, b_dk, mask=m_ts)
-                tl.store(d_q + o_part, b_dq, mask=m_ts)
+                tl.store(d_k + o_part, b_dk, mask=m_s)
+                tl.store(d_q + o_part, b_dq, mask=m_s)
             else:
-                tl.atomic_add(d_k + o_ts, b_dk, mask=m_ts, sem="relaxed")
-                tl.atomic_add(d_q + o_ts, b_dq, mask=m_ts, sem="relaxed")
+                tl.atomic_add(d_k + o_ts, b_dk, mask=m_s, sem="relaxed")
+                tl.atomic_add(d_q + o_ts, b_dq, mask=m_s, sem="relaxed")
 
     o_param = (i_n * H + i_h) * P * S + o_ps
     tl.store(d_a + o_param, b_da, mask=m_ps)
@@ -299,10 +299,11 @@ def kla_bwd(v, lambda_v, k, q, a, p, lam0, eta0, final, checkpoints, cu_seqlens,
         d_eta_t = torch.zeros_like(final[1]) if d_eta_t is None else d_eta_t.contiguous()
     lam_t, eta_t = final if final is not None else (d_a, d_a)
     grid = (n_seq * H, n_pblocks)
+    scratch = torch.empty(grid[0] * grid[1] * 2 * CHUNK * BP * BS, **f32)
     _kla_bwd_kernel[grid](
         v, lambda_v, k, q, a, p,
         lam0 if use_state else d_a, eta0 if use_state else d_a, lam_t, eta_t,
-        checkpoints[0], checkpoints[1], cu,
+        checkpoints[0], checkpoints[1], cu, scratch,
         d_y, d_yvar, d_lam_t if use_final_grad else d_a, d_eta_t if use_final_grad else d_a,
         d_v, d_lv, d_k, d_q, d_a, d_p, d_lam0, d_eta0,
         T, B * L, H=H, P=P, S=S, BP=BP, BS=BS, CHUNK=CHUNK,
