@@ -12,7 +12,6 @@ from typing import Dict
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
-from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
@@ -20,6 +19,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from kla_megatron.layers import KLALayer, KLALayerSubmodules, KLAMixer, KLAMixerConfig, KLAMixerSubmodules, KLANorm
+from kla_megatron.parallel.cp_attention import cp_core_attention
 
 
 def kla_layer_spec(mixer_config: KLAMixerConfig) -> ModuleSpec:
@@ -47,7 +47,7 @@ def attention_layer_spec() -> ModuleSpec:
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=ColumnParallelLinear,
-                    core_attention=DotProductAttention,
+                    core_attention=cp_core_attention,  # DotProductAttention at CP=1
                     linear_proj=RowParallelLinear,
                     q_layernorm=IdentityOp,
                     k_layernorm=IdentityOp,

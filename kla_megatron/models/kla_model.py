@@ -22,6 +22,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.enums import ModelType
 
 from kla_megatron.layers import KLAInferenceState
+from kla_megatron.parallel.cp_attention import cp_rotary_embedding
 
 from .config import KLAModelConfig
 from .kla_layer_specs import layer_specs
@@ -99,7 +100,8 @@ class KLAModel(LanguageModule):
             decoder_input = self.embedding(input_ids=input_ids, position_ids=None)
         rotary_pos_emb = None
         if self.position_embedding_type == "rope":
-            rotary_pos_emb = self.rotary_pos_emb(self._sequence_length(input_ids, decoder_input))
+            rotary_pos_emb = cp_rotary_embedding(self.rotary_pos_emb, self._sequence_length(input_ids, decoder_input),
+                                                 self.pg_collection.cp)
         if self.has_attention and packed_seq_params is not None and attention_mask is None:
             attention_mask = _document_causal_mask(packed_seq_params.cu_seqlens_q)
         hidden_states = self.decoder(decoder_input, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb,

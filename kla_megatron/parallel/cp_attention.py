@@ -50,6 +50,45 @@ def _global_positions(s_local: int, group, layout: str, device) -> torch.Tensor:
     return shard(torch.arange(s_local * size, device=device)[None], rank, size, layout)[0]
 
 
+def _mask_rows(attention_mask: torch.Tensor, q_pos: torch.Tensor, s_global: int) -> torch.Tensor:
+    """Megatron mask (True = masked), ``[.., s_global, s_global]`` (global, e.g. the model's
+    packed-document mask) or ``[.., s_local, s_global]`` (already sharded by the data path),
+    as ``[b or 1, 1, s_local, s_global]`` rows for this rank's queries."""
+    mask = attention_mask.bool()
+    if mask.shape[-1] != s_global:
+        raise ValueError(
+            f"CPDotProductAttention: attention_mask must cover all {s_global} keys of the sequence, "
+            f"got shape {tuple(attention_mask.shape)}"
+        )
+    if mask.shape[-2] == s_global and s_global != q_pos.numel():
+        mask = mask.index_select(-2, q_pos)
+    elif mask.shape[-2] != q_pos.numel() and mask.shape[-2] != s_global:
+        raise ValueError(f"CPDotProductAttention: attention_mask has {mask.shape[-2]} query rows, expected "
+                         f"{q_pos.numel()} (local) or {s_global} (global)")
+    while mask.dim() < 4:
+        mask = mask[None]
+    return mask
+
+
+def cp_rotary_embedding(rope, local_length: int, cp_group, layout: str = "load_balanced") -> torch.Tensor:
+    """RoPE table ``[s_local, 1, 1, d]`` for this rank's tokens: megatron's own CP slicing
+    (``get_pos_emb_on_this_cp_rank``) moves indices to CUDA, so slice here instead."""
+    if cp_group is None or dist.get_world_size(cp_group) == 1:
+        return rope(local_length)
+    size, rank = dist.get_world_size(cp_group), dist.get_rank(cp_group)
+    return shard(rope.get_emb(local_length * size), rank, size, layout, seq_dim=0)
+
+
+def cp_core_attention(config, layer_number, attn_mask_type, attention_type, **kwargs):
+    """``core_attention`` for a SelfAttention spec: megatron's local ``DotProductAttention``
+    at CP = 1 (unchanged numerics), :class:`CPDotProductAttention` under CP without TE."""
+    if config.context_parallel_size > 1:
+        return CPDotProductAttention(config, layer_number, attn_mask_type, attention_type, **kwargs)
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    return DotProductAttention(config, layer_number, attn_mask_type, attention_type, **kwargs)
+
+
 class CPDotProductAttention(MegatronModule):
     """Core attention ``[sq, b, np, hn]`` q and ``[sk, b, ng, hn]`` k, v -> ``[sq, b, np·hn]``,
     with the sequence sharded over the CP group (constructor signature of megatron's
@@ -109,6 +148,8 @@ class CPDotProductAttention(MegatronModule):
         q_pos = _global_positions(sq, self.cp_group, self.cp_layout, query.device)
         k_pos = torch.arange(key.shape[0], device=query.device)
         mask = k_pos[None, :] <= q_pos[:, None]  # [sq, sk], True = attend
+        if attention_mask is not None:
+            mask = mask & ~_mask_rows(attention_mask, q_pos, key.shape[0])
         if packed_seq_params is not None:
             cu = packed_seq_params.cu_seqlens_q.to(query.device).long()
             if int(cu[-1]) != key.shape[0]:
