@@ -16,7 +16,15 @@ With H = 1 this is the reference ``kla`` v0.1.0 ``KLALayer`` (checked by
 
 Parameter attributes read by the optimizer set-up: ``no_weight_decay`` (True on the SSM
 parameters, λ_skip and the conv bias) and ``lr_mult`` (the SSM learning-rate multiplier on
-A_log, Δ_raw and p).
+A_log, Δ_raw and p). A_log, Δ_raw, p and λ_skip stay fp32 when the model is cast to
+bf16/fp16 (``_apply``), and the sensors, discretisation and scan always run in fp32.
+
+Shapes (local to a TP rank): H heads (H/TP here), P = d_inner/H channels per head, S states.
+``in_proj.weight`` [2·H·P, D] ([z | gate]); ``conv_weight`` [H·P, 1, K], ``conv_bias`` [H·P];
+``sensor_weight`` [H, O, P] with O = w_v + w_var + 2S (plain: w_v = w_var = P; mamba:
+w_v = 0, w_var = var_rank/H) emitting [v | log σ²_v | k | q]; ``var_expand`` [H, P, w_var]
+(mamba only); ``A_log``, ``delta_raw``, ``p`` [H, P, S]; ``lambda_skip`` []; ``out_proj.weight``
+[D, H·P].
 
 The causal conv (``causal_conv``) and the scan (``scan``) are single methods on purpose: the
 context-parallel helper replaces exactly these two calls (halo exchange, carry exchange).
@@ -81,10 +89,15 @@ class KLAMixerConfig:
     ssm_lr_mult: float = 0.1
     """Learning-rate multiplier the optimizer applies to A_log, Δ_raw, p."""
     dt_min: float = 1e-3
+    """Δ initialisation: log-uniform in [dt_min, dt_max] ..."""
     dt_max: float = 1e-1
+    """... upper end of that range."""
     dt_init_floor: float = 1e-4
+    """... and Δ is floored here before being stored pre-softplus."""
     p_init: float = 0.01
+    """Initial continuous process noise p (the reference's `process_noise_scale`)."""
     lambda_skip_init: float = -1.0
+    """Initial λ_skip (scalar skip weight from the post-conv stream)."""
 
     def __post_init__(self):
         if self.preset not in PRESETS:
