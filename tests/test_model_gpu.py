@@ -41,8 +41,8 @@ def run_nccl(fn, world_size, out_dir):
 
 def _layouts(rank, world_size):
     out = {}
-    for layout, (tp, pp, sp) in LAYOUTS.items():
-        if tp * pp > world_size:
+    for layout, (tp, pp, sp, vp) in LAYOUTS.items():
+        if tp * pp > world_size or vp:
             continue
         h.setup_parallel(tp, pp)
         for key, (pattern, preset, extra) in PATTERNS.items():
@@ -59,8 +59,8 @@ def _layouts(rank, world_size):
 def test_parallel_layouts_match_single_gpu_nccl(tmp_path):
     world = 4 if torch.cuda.device_count() >= 4 else 2
     results = run_nccl(_layouts, world, tmp_path)
-    for layout, (tp, pp, sp) in LAYOUTS.items():
-        if layout == "single" or tp * pp > world:
+    for layout, (tp, pp, sp, vp) in LAYOUTS.items():
+        if layout == "single" or tp * pp > world or vp:
             continue
         for key in PATTERNS:
             reference, ranks = [r["single", key] for r in results], [r[layout, key] for r in results]

@@ -45,7 +45,7 @@ def tiny_config(pattern="K-K-", preset="plain", **overrides):
     return KLAModelConfig(**kw)
 
 
-def setup_parallel(tp=1, pp=1, seed=1):
+def setup_parallel(tp=1, pp=1, seed=1, vp=None):
     """(Re-)initialise megatron's parallel state; the remaining ranks are data-parallel."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
@@ -55,7 +55,8 @@ def setup_parallel(tp=1, pp=1, seed=1):
     enable_cpu_megatron()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                             virtual_pipeline_model_parallel_size=vp)
     model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
 
@@ -69,6 +70,23 @@ def build(cfg, tp=1, pp=1, sp=False, dtype=torch.float64, **overrides):
                                    sequence_parallel=sp, params_dtype=dtype, **overrides)
     return build_kla_model(cfg, tc, pre_process=parallel_state.is_pipeline_first_stage(),
                            post_process=parallel_state.is_pipeline_last_stage())
+
+
+def build_chunks(cfg, tp, pp, sp, vp, dtype=torch.float64):
+    """One model chunk per virtual pipeline stage (interleaved schedule)."""
+    from megatron.core import parallel_state
+
+    from kla_megatron.models import build_kla_model
+
+    tc = cfg.to_transformer_config(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                   virtual_pipeline_model_parallel_size=vp, sequence_parallel=sp,
+                                   params_dtype=dtype)
+    return [
+        build_kla_model(cfg, tc, vp_stage=i,
+                        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=i),
+                        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=i))
+        for i in range(vp)
+    ]
 
 
 def global_name(model, name):
@@ -126,7 +144,10 @@ def batches(seed=3, packed=False):
 
 
 def run_schedule(model, data, forward_only=False, packed_seq_params=None):
-    """Mean per-token loss over the micro-batches (on the last stage; None elsewhere)."""
+    """Mean per-token loss over the micro-batches (on the last stage; None elsewhere).
+    ``model`` is a model or a list of virtual-pipeline chunks."""
+    chunks = model if isinstance(model, list) else [model]
+    model = chunks[0]
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     def loss_func(output):
@@ -141,9 +162,12 @@ def run_schedule(model, data, forward_only=False, packed_seq_params=None):
         out = model(tokens, None, None, labels=labels, packed_seq_params=packed_seq_params)
         return out, loss_func
 
-    model.zero_grad(set_to_none=True)
+    for chunk in chunks:
+        chunk.zero_grad(set_to_none=True)
+    iterators = [iter(data) for _ in chunks]  # every chunk steps through the micro-batches
     losses = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(data), model=[model], num_microbatches=len(data),
+        forward_step_func=forward_step, data_iterator=iterators if len(chunks) > 1 else iterators[0],
+        model=chunks, num_microbatches=len(data),
         seq_length=SEQ, micro_batch_size=1, forward_only=forward_only,
     )
     if not losses:

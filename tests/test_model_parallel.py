@@ -1,4 +1,4 @@
-"""TP=2, TP=2+SP, PP=2 and TP=2×PP=2 equal the single-process model on the loss and on
+"""TP=2, TP=2+SP, PP=2, TP=2×PP=2 and interleaved PP=2×VP=2 equal the single-process model on the loss and on
 every parameter gradient (gathered to full tensors), for a pure KLA pattern, a hybrid one
 ("mamba" preset), a hybrid with rope + grouped-query attention, and tied embeddings (which
 PP splits over the first and last stage); the mixer's output variance is TP/SP-invariant. Megatron's forward-backward schedule drives every layout (2 micro-batches); CPU/gloo,
@@ -18,22 +18,28 @@ PATTERNS = {
     "hybrid_rope_gqa": ("*K-K", "plain", dict(position_embedding="rope", num_query_groups=2)),
     "kla_tied": ("KK-K", "plain", dict(tie_embeddings=True)),
 }
-LAYOUTS = {"single": (1, 1, False), "tp2": (2, 1, False), "tp2_sp": (2, 1, True), "pp2": (1, 2, False),
-           "tp2_pp2": (2, 2, True)}
+# name -> (tp, pp, sequence parallel, virtual pipeline stages)
+LAYOUTS = {"single": (1, 1, False, None), "tp2": (2, 1, False, None), "tp2_sp": (2, 1, True, None),
+           "pp2": (1, 2, False, None), "tp2_pp2": (2, 2, True, None), "pp2_vp2": (1, 2, False, 2)}
 
 
 def _body(rank, world_size):
     out = {}
-    for layout, (tp, pp, sp) in LAYOUTS.items():
-        h.setup_parallel(tp, pp)
+    for layout, (tp, pp, sp, vp) in LAYOUTS.items():
+        h.setup_parallel(tp, pp, vp=vp)
         for key, (pattern, preset, extra) in PATTERNS.items():
-            model = h.build(h.tiny_config(pattern, preset, **extra), tp, pp, sp)
-            h.det_init(model)
-            loss = h.run_schedule(model, h.batches())
-            h.finish_grads(model)
-            out[layout, key] = dict(loss=loss, **h.local_grads(model))
+            cfg = h.tiny_config(pattern, preset, **extra)
+            chunks = h.build_chunks(cfg, tp, pp, sp, vp) if vp else [h.build(cfg, tp, pp, sp)]
+            for chunk in chunks:
+                h.det_init(chunk)
+            loss = h.run_schedule(chunks if vp else chunks[0], h.batches())
+            grads = {}
+            for chunk in chunks:
+                h.finish_grads(chunk)
+                grads.update(h.local_grads(chunk)["grads"])
+            out[layout, key] = dict(h.local_grads(chunks[0]), loss=loss, grads=grads)
             if pp == 1 and key == "hybrid":
-                out[layout, "variance"] = h.mixer_variance(model, tp, sp)
+                out[layout, "variance"] = h.mixer_variance(chunks[0], tp, sp)
     h.setup_parallel(2, 1)
     cfg = h.tiny_config(kla_heads=1)
     try:  # built under TP=2 from a TP=1 TransformerConfig: the model itself must refuse
@@ -52,11 +58,12 @@ def results():
 @pytest.mark.parametrize("key", list(PATTERNS))
 @pytest.mark.parametrize("layout", [k for k in LAYOUTS if k != "single"])
 def test_parallel_layout_matches_single_process(results, layout, key):
+    tp, pp, sp, vp = LAYOUTS[layout]
     reference = [r["single", key] for r in results]
     ranks = [r[layout, key] for r in results]
     ref_loss = reference[0]["loss"]
     losses = [r["loss"] for r in ranks if r["loss"] is not None]
-    assert len(losses) == 4 // LAYOUTS[layout][1]  # every rank of the last stage reports it
+    assert len(losses) == 4 // pp  # every rank of the last stage reports it
     for loss in losses:
         assert loss == pytest.approx(ref_loss, rel=1e-6, abs=0)
     ref_grads, grads = h.assemble(reference), h.assemble(ranks)

@@ -24,6 +24,13 @@ from kla_megatron.layers import KLALayer, KLANorm
 def stage_layers(config, pattern: str, vp_stage=None, pp_rank=None):
     """(offset, symbols) of the layers this pipeline stage builds."""
     if config.pipeline_model_parallel_size > 1:
+        unsupported = [name for name in ("pipeline_model_parallel_layout", "account_for_embedding_in_pipeline_split",
+                                         "account_for_loss_in_pipeline_split") if getattr(config, name, None)]
+        if unsupported:
+            raise ValueError(
+                f"KLA stack: {unsupported} are not supported; split layers evenly or with "
+                "num_layers_in_first_pipeline_stage / num_layers_in_last_pipeline_stage"
+            )
         if pp_rank is None:
             from megatron.core import parallel_state
 
