@@ -38,7 +38,7 @@ def _batch():
                 labels=torch.randint(0, h.V, (1, SEQ), generator=gen))
 
 
-def _body(rank, world_size):
+def _body(rank, world_size, device="cpu"):
     from megatron.core import parallel_state
     from megatron.core.packed_seq_params import PackedSeqParams
 
@@ -51,15 +51,16 @@ def _body(rank, world_size):
         batch = get_cp_shard(_batch(), cp_rank, cp, "load_balanced")
         for key, (pattern, preset, extra, packed) in PATTERNS.items():
             cfg = h.tiny_config(pattern, preset, max_seq_len=SEQ, **extra)
-            model = h.build(cfg, tp, 1, False, context_parallel_size=cp)
+            model = h.build(cfg, tp, 1, False, context_parallel_size=cp).to(device)
             h.det_init(model)
             psp = None
             if packed:
-                cu = torch.tensor(CU, dtype=torch.int32)
+                cu = torch.tensor(CU, dtype=torch.int32, device=device)
                 psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                                       max_seqlen_q=SEQ, max_seqlen_kv=SEQ)
             model.zero_grad(set_to_none=True)
-            loss = model(batch["tokens"], None, None, labels=batch["labels"], packed_seq_params=psp).sum()
+            tokens, labels = batch["tokens"].to(device), batch["labels"].to(device)
+            loss = model(tokens, None, None, labels=labels, packed_seq_params=psp).sum()
             loss.backward()
             # The DP+CP gradient reduction (what megatron's DDP does over the dp_cp group).
             loss = loss.detach().clone()
@@ -85,4 +86,6 @@ def test_cp_model_matches_single_process(results, layout, key):
     ref_grads, grads = h.assemble(reference), h.assemble(ranks)
     assert sorted(grads) == sorted(ref_grads), "parameter sets differ"
     for name, grad in ref_grads.items():
-        torch.testing.assert_close(grads[name], grad, rtol=1e-6, atol=1e-8, msg=f"{layout}/{key}: {name}")
+        # megatron's vocab-parallel cross-entropy is fp32: compare at fp32 round-off of the largest entry.
+        scale = grad.abs().max().clamp_min(1e-12)
+        torch.testing.assert_close(grads[name] / scale, grad / scale, rtol=1e-5, atol=2e-6, msg=f"{layout}/{key}: {name}")
