@@ -92,15 +92,22 @@ def _bf16_cast():
     return before, after, mixer.in_proj.weight.dtype, loss.dtype, bool(torch.isfinite(loss).all())
 
 
+def _shim_state():
+    from kla_megatron.compat import cpu_shim_hits, enable_cpu_megatron
+
+    return enable_cpu_megatron(), enable_cpu_megatron(), sorted({shim for shim, _ in cpu_shim_hits()})
+
+
 def _body(rank, world_size):
     h.setup_parallel(1, 1)
     return dict(
+        shim=None,
         bf16=_bf16_cast(),
         packed={p: _packed_vs_separate(p) for p in ("K-K-", "K*K-")},
         decode=_decode_vs_full(),
         recompute=_recompute(),
         counts=_counts(),
-    )
+    ) | dict(shim=_shim_state())
 
 
 @pytest.fixture(scope="module")
@@ -142,3 +149,12 @@ def test_bf16_cast_keeps_ssm_parameters_fp32(results):
     for name, value in before.items():
         assert after[name].dtype == torch.float32, name
         assert torch.equal(after[name], value), name
+
+
+def test_cpu_shim_is_idempotent_and_records_call_sites(results):
+    if torch.cuda.is_available():
+        pytest.skip("the shim is inactive with CUDA")
+    first, second, shims = results["shim"]
+    assert first is True and second is True
+    # The runs above reached megatron's CUDA-only device and RNG paths through the shim.
+    assert "torch.cuda.current_device" in shims and "megatron _get_cuda_rng_state" in shims
