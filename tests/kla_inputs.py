@@ -54,6 +54,15 @@ def make_inputs(B, L, H, P, S, regime="default", seed=0, n_seq=None, with_state=
     return out
 
 
+def upcast(inputs):
+    """float64 copy of (lower-precision) inputs: the reference must see the same rounded
+    values, or input quantisation (a = 1 − 1e-6 in fp32, raised to the power L) dominates."""
+    out = {k: (v.double() if torch.is_tensor(v) else v) for k, v in inputs.items()}
+    if inputs["initial_state"] is not None:
+        out["initial_state"] = tuple(s.double() for s in inputs["initial_state"])
+    return out
+
+
 GRAD_NAMES = ("v", "lambda_v", "k", "q", "a", "p", "lam0", "eta0")
 
 
