@@ -111,12 +111,16 @@ def _kla_fwd_kernel(
 def _kla_bwd_kernel(
     v, lambda_v, k, q, a, p, lam0, eta0, lam_t, eta_t, ck_sigma, ck_mu, cu_seqlens, scratch,
     d_y, d_yvar, d_lam_t, d_eta_t,
-    d_v, d_lv, d_k, d_q, d_a, d_p, d_lam0, d_eta0,
+    d_v, d_lv, d_k, d_q, d_a, d_p, d_lam0, d_eta0, map_q, map_o,
     T, n_tokens, H: tl.constexpr, P: tl.constexpr, S: tl.constexpr,
     BP: tl.constexpr, BS: tl.constexpr, CHUNK: tl.constexpr,
-    USE_INITIAL_STATE: tl.constexpr, USE_FINAL_STATE_GRAD: tl.constexpr,
+    USE_INITIAL_STATE: tl.constexpr, END_ADJOINT: tl.constexpr,
     IS_VARLEN: tl.constexpr, DETERMINISTIC: tl.constexpr, N_PBLOCKS: tl.constexpr,
+    MAP_ONLY: tl.constexpr,
 ):
+    # END_ADJOINT: 0 = none, 1 = cotangent of the final (lam, eta), 2 = adjoint of the final
+    # (mu, sigma) given directly (time-split and context-parallel carries).
+    # MAP_ONLY: compute only the affine end-to-start adjoint map (Q, o) of kla_math.md §6.
     i_nh, i_p = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos = _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
@@ -135,7 +139,10 @@ def _kla_bwd_kernel(
     b_cM = tl.zeros([BP, BS], tl.float32)
     b_cS = tl.zeros([BP, BS], tl.float32)
     n_chunks = tl.cdiv(eos - bos, CHUNK)
-    if USE_FINAL_STATE_GRAD:
+    if END_ADJOINT == 2:
+        b_cM = tl.load(d_lam_t + o_state, mask=m_ps, other=0.0).to(tl.float32)
+        b_cS = tl.load(d_eta_t + o_state, mask=m_ps, other=0.0).to(tl.float32)
+    if END_ADJOINT == 1:
         # (λ, η) = (1/σ, μ/σ): dσ = −(ḡλ + ḡη·μ)·λ², dμ = ḡη·λ.
         b_lam = tl.load(lam_t + o_state, mask=m_ps, other=1.0)
         b_eta = tl.load(eta_t + o_state, mask=m_ps, other=0.0)
@@ -146,6 +153,10 @@ def _kla_bwd_kernel(
 
     b_da = tl.zeros([BP, BS], tl.float32)
     b_dp = tl.zeros([BP, BS], tl.float32)
+    # Running map from the end adjoint to the current one (products of gains ≤ 1).
+    b_Rmm = tl.full([BP, BS], 1.0, tl.float32)
+    b_Rms = tl.zeros([BP, BS], tl.float32)
+    b_Rss = tl.full([BP, BS], 1.0, tl.float32)
     i_prog = i_nh.to(tl.int64) * N_PBLOCKS + i_p
     p_scr_sigma = scratch + i_prog * 2 * CHUNK * BP * BS
     p_scr_mu = p_scr_sigma + CHUNK * BP * BS
@@ -198,39 +209,54 @@ def _kla_bwd_kernel(
             b_S = b_gv[:, None] * (b_q * b_q)[None, :] + b_cS
             # P̄ = ι(ι·S̄ + (r − φ·μ_t)·M̄), with r − φ·μ_t = ι·(r − φ·a·μ_{t−1}): the second
             # form avoids cancelling r against φ·μ_t ≈ r when observations are sharp.
-            b_P = b_iota * b_iota * (b_S + (b_r - b_phi * b_a * b_mp) * b_M)
-            b_dphi = -b_sigma * (b_sigma * b_S + b_mu * b_M)
-            b_dr = b_sigma * b_M
+            b_innov = b_r - b_phi * b_a * b_mp
+            b_P = b_iota * b_iota * (b_S + b_innov * b_M)
             b_cM = b_a * b_iota * b_M
             b_cS = b_a2 * b_P
-            b_da += 2.0 * b_a * b_sp * b_P + b_iota * b_mp * b_M
-            b_dp += b_P
-
-            b_dvlv = tl.sum(b_dr * b_k[None, :], axis=1)
-            b_dlv = tl.sum(b_dphi * (b_k * b_k)[None, :], axis=1) + b_v * b_dvlv
-            tl.store(d_v + o_tp, (b_lv * b_dvlv).to(d_v.dtype.element_ty), mask=m_p)
-            tl.store(d_lv + o_tp, b_dlv.to(d_lv.dtype.element_ty), mask=m_p)
-            b_dk = tl.sum(2.0 * b_lv[:, None] * b_k[None, :] * b_dphi + b_vlv[:, None] * b_dr, axis=0)
-            b_dq = tl.sum(b_gy[:, None] * b_mu + 2.0 * b_gv[:, None] * b_q[None, :] * b_sigma, axis=0)
-            if DETERMINISTIC or N_PBLOCKS == 1:
-                # One partial row per channel block: [N_PBLOCKS, tokens, H, S], summed outside.
-                o_part = i_p.to(tl.int64) * n_tokens * H * S + o_ts
-                tl.store(d_k + o_part, b_dk, mask=m_s)
-                tl.store(d_q + o_part, b_dq, mask=m_s)
+            if MAP_ONLY:
+                b_gmm = b_a * b_iota
+                b_gss = b_a2 * b_iota * b_iota
+                b_Rms = b_gss * b_innov * b_Rmm + b_gss * b_Rms
+                b_Rmm = b_gmm * b_Rmm
+                b_Rss = b_gss * b_Rss
             else:
-                tl.atomic_add(d_k + o_ts, b_dk, mask=m_s, sem="relaxed")
-                tl.atomic_add(d_q + o_ts, b_dq, mask=m_s, sem="relaxed")
+                b_dphi = -b_sigma * (b_sigma * b_S + b_mu * b_M)
+                b_dr = b_sigma * b_M
+                b_da += 2.0 * b_a * b_sp * b_P + b_iota * b_mp * b_M
+                b_dp += b_P
+                b_dvlv = tl.sum(b_dr * b_k[None, :], axis=1)
+                b_dlv = tl.sum(b_dphi * (b_k * b_k)[None, :], axis=1) + b_v * b_dvlv
+                tl.store(d_v + o_tp, (b_lv * b_dvlv).to(d_v.dtype.element_ty), mask=m_p)
+                tl.store(d_lv + o_tp, b_dlv.to(d_lv.dtype.element_ty), mask=m_p)
+                b_dk = tl.sum(2.0 * b_lv[:, None] * b_k[None, :] * b_dphi + b_vlv[:, None] * b_dr, axis=0)
+                b_dq = tl.sum(b_gy[:, None] * b_mu + 2.0 * b_gv[:, None] * b_q[None, :] * b_sigma, axis=0)
+                if DETERMINISTIC or N_PBLOCKS == 1:
+                    # One partial row per channel block: [N_PBLOCKS, tokens, H, S], summed outside.
+                    o_part = i_p.to(tl.int64) * n_tokens * H * S + o_ts
+                    tl.store(d_k + o_part, b_dk, mask=m_s)
+                    tl.store(d_q + o_part, b_dq, mask=m_s)
+                else:
+                    tl.atomic_add(d_k + o_ts, b_dk, mask=m_s, sem="relaxed")
+                    tl.atomic_add(d_q + o_ts, b_dq, mask=m_s, sem="relaxed")
 
-    o_param = (i_n * H + i_h) * P * S + o_ps
-    tl.store(d_a + o_param, b_da, mask=m_ps)
-    tl.store(d_p + o_param, b_dp, mask=m_ps)
-    if USE_INITIAL_STATE:
-        b_lam = tl.load(lam0 + o_state, mask=m_ps, other=1.0).to(tl.float32)
-        b_eta = tl.load(eta0 + o_state, mask=m_ps, other=0.0).to(tl.float32)
-        b_s0 = 1.0 / b_lam
-        b_m0 = b_eta * b_s0
-        tl.store(d_lam0 + o_state, -b_s0 * (b_s0 * b_cS + b_m0 * b_cM), mask=m_ps)
-        tl.store(d_eta0 + o_state, b_s0 * b_cM, mask=m_ps)
+    if MAP_ONLY:
+        n_state = tl.num_programs(0).to(tl.int64) // H * H * P * S
+        tl.store(map_q + o_state, b_Rmm, mask=m_ps)
+        tl.store(map_q + n_state + o_state, b_Rms, mask=m_ps)
+        tl.store(map_q + 2 * n_state + o_state, b_Rss, mask=m_ps)
+        tl.store(map_o + o_state, b_cM, mask=m_ps)
+        tl.store(map_o + n_state + o_state, b_cS, mask=m_ps)
+    else:
+        o_param = (i_n * H + i_h) * P * S + o_ps
+        tl.store(d_a + o_param, b_da, mask=m_ps)
+        tl.store(d_p + o_param, b_dp, mask=m_ps)
+        if USE_INITIAL_STATE:
+            b_lam = tl.load(lam0 + o_state, mask=m_ps, other=1.0).to(tl.float32)
+            b_eta = tl.load(eta0 + o_state, mask=m_ps, other=0.0).to(tl.float32)
+            b_s0 = 1.0 / b_lam
+            b_m0 = b_eta * b_s0
+            tl.store(d_lam0 + o_state, -b_s0 * (b_s0 * b_cS + b_m0 * b_cM), mask=m_ps)
+            tl.store(d_eta0 + o_state, b_s0 * b_cM, mask=m_ps)
 
 
 def _blocks(P: int, S: int, lanes: int):
@@ -275,7 +301,12 @@ def kla_fwd(v, lambda_v, k, q, a, p, lam0, eta0, cu_seqlens, output_final_state,
 
 
 def kla_bwd(v, lambda_v, k, q, a, p, lam0, eta0, final, checkpoints, cu_seqlens,
-            d_y, d_yvar, d_lam_t, d_eta_t, deterministic):
+            d_y, d_yvar, d_lam_t, d_eta_t, deterministic, end_adjoint=None, map_only=False):
+    """Gradients of the scan, or with ``map_only`` its adjoint maps (Q, o).
+
+    The end adjoint comes either as the cotangent ``(d_lam_t, d_eta_t)`` of the final state
+    or, with ``end_adjoint`` ``[2, N, H, P, S]``, directly as the (μ, σ) adjoint.
+    """
     B, L, H, P = v.shape
     S = k.shape[-1]
     n_seq, T, cu, is_varlen = _prepare(v, cu_seqlens)
@@ -283,40 +314,51 @@ def kla_bwd(v, lambda_v, k, q, a, p, lam0, eta0, final, checkpoints, cu_seqlens,
     n_pblocks = triton.cdiv(P, BP)
     partial = deterministic or n_pblocks == 1
     f32 = dict(dtype=torch.float32, device=v.device)
-    dk_shape = (n_pblocks, B * L, H, S) if partial else (B * L, H, S)
-    d_k = torch.empty(dk_shape, **f32) if partial else torch.zeros(dk_shape, **f32)
-    d_q = torch.empty(dk_shape, **f32) if partial else torch.zeros(dk_shape, **f32)
-    d_v = torch.empty_like(v)
-    d_lv = torch.empty_like(lambda_v)
-    d_a = torch.empty(n_seq, H, P, S, **f32)
-    d_p = torch.empty(n_seq, H, P, S, **f32)
-    use_state = lam0 is not None
-    d_lam0 = torch.empty(n_seq, H, P, S, **f32) if use_state else d_a
-    d_eta0 = torch.empty(n_seq, H, P, S, **f32) if use_state else d_a
-    use_final_grad = d_lam_t is not None or d_eta_t is not None
-    if use_final_grad:
-        d_lam_t = torch.zeros_like(final[0]) if d_lam_t is None else d_lam_t.contiguous()
-        d_eta_t = torch.zeros_like(final[1]) if d_eta_t is None else d_eta_t.contiguous()
-    lam_t, eta_t = final if final is not None else (d_a, d_a)
+    state_shape = (n_seq, H, P, S)
+    dummy = torch.empty(1, **f32)
+    if map_only:
+        d_v = d_lv = d_k = d_q = d_a = d_p = d_lam0 = d_eta0 = dummy
+        map_q, map_o = torch.empty(3, *state_shape, **f32), torch.empty(2, *state_shape, **f32)
+    else:
+        dk_shape = (n_pblocks, B * L, H, S) if partial else (B * L, H, S)
+        alloc = torch.empty if partial else torch.zeros
+        d_k, d_q = alloc(dk_shape, **f32), alloc(dk_shape, **f32)
+        d_v, d_lv = torch.empty_like(v), torch.empty_like(lambda_v)
+        d_a, d_p = torch.empty(state_shape, **f32), torch.empty(state_shape, **f32)
+        d_lam0 = torch.empty(state_shape, **f32) if lam0 is not None else dummy
+        d_eta0 = torch.empty(state_shape, **f32) if lam0 is not None else dummy
+        map_q = map_o = dummy
+    if end_adjoint is not None:
+        mode, end_a, end_b = 2, end_adjoint[0].contiguous(), end_adjoint[1].contiguous()
+    elif d_lam_t is not None or d_eta_t is not None:
+        mode = 1
+        end_a = torch.zeros_like(final[0]) if d_lam_t is None else d_lam_t.contiguous()
+        end_b = torch.zeros_like(final[1]) if d_eta_t is None else d_eta_t.contiguous()
+    else:
+        mode, end_a, end_b = 0, dummy, dummy
+    lam_t, eta_t = final if final is not None else (dummy, dummy)
     grid = (n_seq * H, n_pblocks)
     scratch = torch.empty(grid[0] * grid[1] * 2 * CHUNK * BP * BS, **f32)
     _kla_bwd_kernel[grid](
         v, lambda_v, k, q, a, p,
-        lam0 if use_state else d_a, eta0 if use_state else d_a, lam_t, eta_t,
+        lam0 if lam0 is not None else dummy, eta0 if eta0 is not None else dummy, lam_t, eta_t,
         checkpoints[0], checkpoints[1], cu, scratch,
-        d_y, d_yvar, d_lam_t if use_final_grad else d_a, d_eta_t if use_final_grad else d_a,
-        d_v, d_lv, d_k, d_q, d_a, d_p, d_lam0, d_eta0,
+        d_y, d_yvar, end_a, end_b,
+        d_v, d_lv, d_k, d_q, d_a, d_p, d_lam0, d_eta0, map_q, map_o,
         T, B * L, H=H, P=P, S=S, BP=BP, BS=BS, CHUNK=CHUNK,
-        USE_INITIAL_STATE=use_state, USE_FINAL_STATE_GRAD=use_final_grad,
-        IS_VARLEN=is_varlen, DETERMINISTIC=deterministic, N_PBLOCKS=n_pblocks, num_warps=4,
+        USE_INITIAL_STATE=lam0 is not None, END_ADJOINT=mode,
+        IS_VARLEN=is_varlen, DETERMINISTIC=deterministic, N_PBLOCKS=n_pblocks, MAP_ONLY=map_only,
+        num_warps=4,
     )
+    if map_only:
+        return map_q, map_o
     if partial:
         d_k, d_q = d_k.sum(0), d_q.sum(0)
     d_k = d_k.view(B, L, H, S).to(k.dtype)
     d_q = d_q.view(B, L, H, S).to(q.dtype)
     d_a = d_a.sum(0).to(a.dtype)
     d_p = d_p.sum(0).to(p.dtype)
-    d_state = (d_lam0.to(lam0.dtype), d_eta0.to(eta0.dtype)) if use_state else (None, None)
+    d_state = (d_lam0, d_eta0) if lam0 is not None else (None, None)
     return d_v, d_lv, d_k, d_q, d_a, d_p, *d_state
 
 
