@@ -6,7 +6,7 @@
 
 ``--set KEY=VALUE`` overrides any config field (the value is parsed as YAML); ``--dry-run``
 validates the config and prints it without training. Exit status: 0 done or preempted
-(checkpoint written), 1 non-finite loss under the abort policy, 2 bad config.
+(checkpoint written), 1 non-finite loss under the abort policy, 2 bad config/data/checkpoint.
 """
 from __future__ import annotations
 
@@ -50,8 +50,8 @@ def main(argv=None) -> int:
 
     try:
         run(argv)
-    except ValueError as exc:
-        print(f"kla-pretrain: config error: {exc}", file=sys.stderr)
+    except ValueError as exc:  # bad config, data or checkpoint: a message, not a traceback
+        print(f"kla-pretrain: error: {exc}", file=sys.stderr)
         return 2
     except NonFiniteError as exc:
         print(f"kla-pretrain: {exc}", file=sys.stderr)

@@ -115,7 +115,7 @@ class DeepSpeedEngine:
         return (losses * mask).sum(), mask.sum()
 
     def _global(self, loss_sum: float, n: float) -> float:
-        t = torch.tensor([loss_sum, n], dtype=torch.float64)
+        t = torch.tensor([loss_sum, n], dtype=torch.float64, device=device())
         dist.all_reduce(t)
         return float(t[0] / t[1].clamp(min=1))
 

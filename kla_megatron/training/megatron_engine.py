@@ -167,18 +167,12 @@ class MegatronEngine:
             return {"model": self.raw_chunks[0].sharded_state_dict()}
         return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(self.raw_chunks)}
 
-    def _merged_model_sd(self, msd: dict) -> dict:
-        merged = {}
-        for value in msd.values():
-            merged.update(value)
-        return merged
-
     def save(self, path: str, common: dict) -> None:
         from megatron.core import dist_checkpointing
 
         msd = self._model_sharded_state_dict()
         state = dict(msd)
-        state["optimizer"] = self.optimizer.sharded_state_dict(self._merged_model_sd(msd), is_loading=False,
+        state["optimizer"] = self.optimizer.sharded_state_dict(msd, is_loading=False,
                                                                metadata=DIST_OPT_SHARDING)
         state["common"] = common  # plain objects: written once, by rank 0, into common.pt
         dist_checkpointing.save(state, path)
@@ -195,13 +189,14 @@ class MegatronEngine:
                 _fix_set_state(o)
         msd = self._model_sharded_state_dict()
         state = dict(msd)
-        state["optimizer"] = self.optimizer.sharded_state_dict(self._merged_model_sd(msd), is_loading=True,
+        state["optimizer"] = self.optimizer.sharded_state_dict(msd, is_loading=True,
                                                                metadata=DIST_OPT_SHARDING)
         state["common"] = None
         common = dist_checkpointing.load_common_state_dict(path)["common"]
         del state["common"]
         loaded = dist_checkpointing.load(state, path)
-        for key, chunk in zip(sorted(k for k in msd), self.raw_chunks):
+        # The optimizer finds model params anywhere in the nested dict (by identity).
+        for key, chunk in zip(list(msd), self.raw_chunks):
             chunk.load_state_dict(loaded[key], strict=True)
         self.optimizer.load_state_dict(loaded["optimizer"])
         if self.run.use_distributed_optimizer:

@@ -26,20 +26,28 @@ def group_multipliers(name: str, param: torch.nn.Parameter) -> tuple[float, floa
     return float(getattr(param, "lr_mult", 1.0)), 0.0 if is_no_decay(name, param) else 1.0
 
 
+def _group_key(name: str, param: torch.nn.Parameter) -> tuple[float, float, str]:
+    return (*group_multipliers(name, param), str(param.dtype).removeprefix("torch."))
+
+
 def megatron_config_overrides(model_chunks) -> dict:
-    """ParamKey -> override map for ``get_megatron_optimizer``: one key per distinct
-    (lr_mult, wd_mult) pair that differs from (1, 1)."""
+    """ParamKey -> override map for ``get_megatron_optimizer``: one group per distinct
+    (lr_mult, wd_mult, dtype).
+
+    The dtype is part of the key because the model keeps its SSM parameters fp32 in a bf16
+    model, and megatron-core 0.16's DistributedOptimizer mis-indexes a group that mixes fp32 and
+    bf16 parameters when it builds the checkpoint state (it lists a group's bf16 shards before
+    its fp32 ones but looks them up in the original order).
+    """
     from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
 
-    pairs = sorted({group_multipliers(n, p) for chunk in model_chunks for n, p in chunk.named_parameters()})
+    keys = sorted({_group_key(n, p) for chunk in model_chunks for n, p in chunk.named_parameters()})
     overrides = {}
-    for lr_mult, wd_mult in pairs:
-        if (lr_mult, wd_mult) == (1.0, 1.0):
-            continue
-        pred = ParamWithNamePredicate(
-            name=f"lr{lr_mult}_wd{wd_mult}",
-            fn=lambda p, n, key=(lr_mult, wd_mult): group_multipliers(n, p) == key)
-        overrides[ParamKey(with_name_predicate=pred)] = {"lr_mult": lr_mult, "wd_mult": wd_mult}
+    for key in keys:
+        lr_mult, wd_mult, dtype = key
+        pred = ParamWithNamePredicate(name=f"lr{lr_mult}_wd{wd_mult}_{dtype}",
+                                      fn=lambda p, n, key=key: _group_key(n, p) == key)
+        overrides[ParamKey(with_name_predicate=pred)] = {"lr_mult": lr_mult, "wd_mult": wd_mult, "dtype": dtype}
     return overrides
 
 

@@ -23,7 +23,8 @@ class PreemptionHandler:
 
     def should_stop(self) -> bool:
         """Collective: True on every rank if any rank received a signal."""
-        flag = torch.tensor([1.0 if self.received is not None else 0.0])
+        dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+        flag = torch.tensor([1.0 if self.received is not None else 0.0], device=dev)  # NCCL needs CUDA
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
