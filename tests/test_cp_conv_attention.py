@@ -1,5 +1,6 @@
 """Causal-conv halo and the TE-free CP attention core on 4 gloo ranks equal the unsharded ops
-(outputs and input gradients), in both shard orders, with packed documents."""
+(outputs and input gradients), in both shard orders, with packed documents. The rank body runs
+inside test_cp_scan's 4-rank spawn (process start-up dominates the cost)."""
 import math
 
 import torch
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 
 from kla_megatron.parallel.conv_halo import cp_causal_conv, cp_position_in_doc
 from kla_megatron.parallel.sharding import shard, unshard
-from tests.dist_utils import run_on_ranks
+from tests.test_cp_scan import cp_results
 
 K = 4
 CU = [0, 3, 17, 18, 40, 64]
@@ -97,8 +98,7 @@ def body(rank, world):
 
 
 def test_conv_halo_and_cp_attention_match_unsharded():
-    world = 4
-    per_rank = run_on_ranks(body, world_size=world)
+    per_rank = [r["conv_attention"] for r in cp_results(4)]
     x, w, gy = conv_inputs()
     q, k, v, go = attn_inputs()
     for layout in ("contiguous", "load_balanced"):

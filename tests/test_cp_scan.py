@@ -79,13 +79,19 @@ def _neutral_exchange(t, group):
     return out
 
 
-def cp_body(rank, world, configs):
-    """Run every (layout, control, names) config in one spawn (process start-up dominates)."""
+def cp_body(rank, world, configs, with_conv_attention=False):
+    """Run every (layout, control, names) config in one spawn (process start-up dominates);
+    the 4-rank spawn also runs the conv-halo / attention bodies of test_cp_conv_attention."""
     cpmod._exchange_real = cpmod._exchange
     results = {}
     for layout, control, names in configs:
         cpmod._exchange = _neutral_exchange if control else cpmod._exchange_real
         results[(layout, control)] = _cp_cases(rank, world, names, layout)
+    cpmod._exchange = cpmod._exchange_real
+    if with_conv_attention:
+        from tests import test_cp_conv_attention
+
+        results["conv_attention"] = test_cp_conv_attention.body(rank, world)
     return results
 
 
@@ -98,6 +104,10 @@ def _cp_cases(rank, world, names, layout):
         local["gv_local"] = shard(x["gv"], rank, world, layout)
         scan = functools.partial(cp_kla_scan, cp_group=dist.group.WORLD, layout=layout)
         out = run_scan(local, cu, backend, scan)
+        with torch.no_grad():  # evaluation path: no graph kept, same outputs
+            y_eval = scan(*(local[n] for n in NAMES[:6]), cu_seqlens=cu, backend=backend,
+                          initial_state=(local["lam0"], local["eta0"]) if "lam0" in local else None)[0]
+        out["no_grad_matches"] = bool(torch.equal(y_eval, out["y"]))
         for n in ("da", "dp", "dlam0", "deta0"):
             if n in out:
                 dist.all_reduce(out[n])  # the DP+CP gradient reduction
@@ -112,6 +122,7 @@ def compare(name, per_rank, layout):
     ref = reference(name)
     dtype = CASES[name][6]
     tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-4)
+    assert all(r[name]["no_grad_matches"] for r in per_rank), f"{name}: forward under no_grad differs"
     for key, want in ref.items():
         if key in SHARDED:
             got = unshard([r[name][key] for r in per_rank], layout)
@@ -135,8 +146,8 @@ def cp_results(world):
                        ("load_balanced", True, ["long-memory-init"])]
         else:
             configs = [("contiguous", False, ["long-memory-init", "packed-crossing"]),
-                       ("load_balanced", False, names)]
-        _RUNS[world] = run_on_ranks(cp_body, world_size=world, args=(configs,))
+                       ("load_balanced", False, ["long-memory-init", "packed-crossing", "fp32-packed-torch"])]
+        _RUNS[world] = run_on_ranks(cp_body, world_size=world, args=(configs, world == 4))
     return _RUNS[world]
 
 

@@ -174,7 +174,7 @@ def _piece_adjoint_map(piece, v, lambda_v, k, q, a, p, gy, gv, start: State, d_f
 
 class _CPKLAScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, v, lambda_v, k, q, a, p, lam0, eta0, group, layout, cu_list, backend, want_final):
+    def forward(ctx, v, lambda_v, k, q, a, p, lam0, eta0, group, layout, cu_list, backend, want_final, track):
         cp_size, cp_rank = dist.get_world_size(group), dist.get_rank(group)
         pieces = _plan(v.shape[1], cp_rank, cp_size, layout, cu_list)
         state_dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
@@ -197,10 +197,12 @@ class _CPKLAScan(torch.autograd.Function):
             prefix = t if prefix is None else tr.compose(t, prefix)
 
         # 4. local scans from the exact start states, keeping their graphs for the backward.
-        leaves = [x.detach().requires_grad_(need) for x, need in zip((v, lambda_v, k, q, a, p, lam0, eta0), ctx.needs_input_grad)]
+        # ``track`` is False under no_grad (evaluation): no graph is kept then.
+        inputs = (v, lambda_v, k, q, a, p, lam0, eta0)
+        leaves = [x.detach().requires_grad_(track and need) for x, need in zip(inputs, ctx.needs_input_grad)]
         lv0, le0 = leaves[6], leaves[7]
         outs, starts_used = [], []
-        with torch.enable_grad():
+        with torch.set_grad_enabled(track):
             for pc in pieces:
                 init = _piece_start_state(pc, starts[pc.chunk], lv0, le0)
                 cu = None if cu_list is None else torch.tensor(pc.local_cu_seqlens, device=v.device)
@@ -260,7 +262,7 @@ class _CPKLAScan(torch.autograd.Function):
             g = next(grads) if x.requires_grad else None
             result.append(torch.zeros_like(x) if (g is None and x.requires_grad) else g)
         ctx.outs = ctx.leaves = None
-        return (*result, None, None, None, None, None)
+        return (*result, None, None, None, None, None, None)
 
 
 def _owned_final_states(pieces, outs, n_rows, group):
@@ -345,6 +347,7 @@ def cp_kla_scan(
                 f"got {tuple(lam0.shape)}, {tuple(eta0.shape)}"
             )
     y, y_var, lam_f, eta_f = _CPKLAScan.apply(
-        v, lambda_v, k, q, a, p, lam0, eta0, cp_group, layout, cu_list, backend, output_final_state
+        v, lambda_v, k, q, a, p, lam0, eta0, cp_group, layout, cu_list, backend, output_final_state,
+        torch.is_grad_enabled(),
     )
     return y, y_var, ((lam_f, eta_f) if output_final_state else None)
