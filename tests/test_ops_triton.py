@@ -8,11 +8,18 @@ import functools
 import pytest
 import torch
 
-from kla_megatron.ops.kla import kla_decode_step, kla_scan
+from kla_megatron.ops.kla import carry, kla_decode_step, kla_scan
+from kla_megatron.ops.kla import transform as tr
+from kla_megatron.ops.kla.chunk import triton_kla_scan
+from kla_megatron.ops.kla.chunk_carry import triton_chunk_transforms, triton_end_adjoint_maps
 
 from .kla_inputs import assert_close_all, make_inputs, outputs_and_grads, rel_err, upcast
 
 naive = functools.partial(kla_scan, backend="naive")
+
+
+def triton_kla_scan_kw(v, lambda_v, k, q, a, p, initial_state=None, output_final_state=False, **kw):
+    return triton_kla_scan(v, lambda_v, k, q, a, p, initial_state, output_final_state, **kw)
 FP32_TOL = 1e-5
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -52,6 +59,41 @@ def test_triton_matches_naive(shape, regime, cu, with_state, deterministic):
     _check(shape, regime, 31, cu=cu, with_state=with_state, deterministic=deterministic)
 
 
+@pytest.mark.parametrize("with_state", [True, False], ids=["state", "no-state"])
+def test_time_split_matches_naive(with_state):
+    """Rows cut into 32-token segments joined by transforms (forward) and adjoint maps (backward)."""
+    x = make_inputs(2, 101, 2, 3, 2, regime="lv_wide", seed=35, dtype=torch.float32, with_state=with_state)
+    ref_out, ref_grad = outputs_and_grads(naive, upcast(x))
+    scan = functools.partial(triton_kla_scan_kw, segment_len=32)
+    out, grad = outputs_and_grads(scan, _to(x, DEVICE))
+    assert_close_all({k: v.cpu() for k, v in out.items()}, ref_out, FP32_TOL, "split outputs")
+    assert_close_all({k: v.cpu() for k, v in grad.items()}, ref_grad, FP32_TOL, "split grads")
+
+
+def test_transform_and_adjoint_map_kernels_match_pytorch():
+    x = make_inputs(1, 45, 2, 3, 4, regime="default", seed=36, dtype=torch.float32)
+    cu = torch.tensor([0, 10, 45])
+    x["initial_state"] = tuple(torch.cat([s, s + 0.5]) for s in x["initial_state"])
+    vlv = x["v"] * x["lambda_v"]
+    t_ref = carry.chunk_transforms(vlv, x["lambda_v"], x["k"], x["a"], x["p"], cu_seqlens=cu)
+    xd = _to(x, DEVICE)
+    t_got = triton_chunk_transforms(vlv.to(DEVICE), xd["lambda_v"], xd["k"], xd["a"], xd["p"], cu_seqlens=cu.to(DEVICE))
+    lam_ref = tr.apply(t_ref, *x["initial_state"])
+    lam_got = tr.apply(t_got.cpu(), *x["initial_state"])
+    for g, r in zip(lam_got, lam_ref):
+        assert rel_err(g, r) < FP32_TOL
+    gen = torch.Generator().manual_seed(0)
+    gy, gv = torch.randn(x["v"].shape, generator=gen), torch.randn(x["v"].shape, generator=gen)
+    gf = (torch.randn(2, 2, 3, 4, generator=gen), torch.randn(2, 2, 3, 4, generator=gen))
+    args = [x[n] for n in ("v", "lambda_v", "k", "q", "a", "p")]
+    q_ref, o_ref = carry.end_adjoint_maps(*args, gy, gv, x["initial_state"], grad_final_state=gf, cu_seqlens=cu)
+    q_got, o_got = triton_end_adjoint_maps(
+        *[t.to(DEVICE) for t in args], gy.to(DEVICE), gv.to(DEVICE), xd["initial_state"],
+        grad_final_state=tuple(g.to(DEVICE) for g in gf), cu_seqlens=cu.to(DEVICE),
+    )
+    assert rel_err(q_got.cpu(), q_ref) < FP32_TOL and rel_err(o_got.cpu(), o_ref) < FP32_TOL
+
+
 def test_triton_without_final_state_or_grads():
     x = _to(make_inputs(2, 20, 2, 3, 4, seed=32, dtype=torch.float32), DEVICE)
     y, y_var, final = kla_scan(**x, backend="triton")
@@ -76,20 +118,24 @@ def test_triton_rejects_float64():
 
 
 # ----------------------------------------------------------------------------- GPU
-NO_FORGETTING_LIMIT = pytest.mark.xfail(
-    strict=True,
-    reason="sequential fp32 with a≈1, p≈0 drifts ∝ L (kla_math.md §8): final state 1.5e-5 at L=16k; "
-    "the fix is blocked accumulation (time-split scan with 7-number transforms), not yet in the kernel",
-)
+@pytest.mark.gpu
+@pytest.mark.parametrize("regime", ["default", "a_tiny", "a_near_one", "lv_wide", "lv_large"])
+def test_gpu_long_sequence_outputs_and_grads(regime):
+    """L = 16k at a few heads (time-split path chosen automatically): fp32 within 1e-5 of
+    float64 for outputs and every gradient, also with no forgetting (a ≈ 1, p ≈ 0)."""
+    _check((1, 16384, 2, 16, 16), regime, 41, device="cuda")
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(
-    "regime", ["default", "a_tiny", pytest.param("a_near_one", marks=NO_FORGETTING_LIMIT), "lv_wide", "lv_large"]
-)
-def test_gpu_long_sequence_outputs_and_grads(regime):
-    """L = 16k at a few heads: fp32 within 1e-5 of float64 for outputs and every gradient."""
-    _check((1, 16384, 2, 16, 16), regime, 41, device="cuda")
+@pytest.mark.parametrize("segment_len", [None, 16384], ids=["auto-split", "unsplit"])
+def test_gpu_long_sequence_split_and_unsplit(segment_len):
+    shape = (2, 16384, 4, 64, 16)
+    x = _to(make_inputs(*shape, regime="lv_wide", seed=47, dtype=torch.float32), "cuda")
+    ry, ryv, rs = naive(**upcast(x), output_final_state=True)
+    kw = {} if segment_len is None else {"segment_len": segment_len}
+    y, yv, s = triton_kla_scan_kw(**x, output_final_state=True, **kw)
+    for got, ref in ((y, ry), (yv, ryv), (s[0], rs[0]), (s[1], rs[1])):
+        assert rel_err(got, ref) < FP32_TOL
 
 
 @pytest.mark.gpu

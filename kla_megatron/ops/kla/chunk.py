@@ -390,14 +390,34 @@ class KLAScanFunction(torch.autograd.Function):
 
 
 def triton_kla_scan(v, lambda_v, k, q, a, p, initial_state=None, output_final_state=False,
-                    cu_seqlens=None, deterministic=False):
-    """Triton backend of :func:`kla_megatron.ops.kla.kla_scan` (inputs already validated)."""
+                    cu_seqlens=None, deterministic=False, segment_len=None):
+    """Triton backend of :func:`kla_megatron.ops.kla.kla_scan` (inputs already validated).
+
+    ``segment_len``: cut each row into segments of this many tokens (multiple of CHUNK) and
+    combine them with transforms (:mod:`.chunk_split`); chosen automatically when the lanes
+    alone cannot fill the GPU. Packed (``cu_seqlens``) inputs run unsplit.
+    """
     if v.dtype == torch.float64:
         raise ValueError("kla_scan: the Triton backend computes in fp32; use backend='torch' for float64")
     v, lambda_v, k, q = (x.contiguous() for x in (v, lambda_v, k, q))
     a, p = a.float().contiguous(), p.float().contiguous()
     lam0, eta0 = (s.float().contiguous() for s in initial_state) if initial_state is not None else (None, None)
-    y, y_var, lam, eta = KLAScanFunction.apply(
-        v, lambda_v, k, q, a, p, lam0, eta0, cu_seqlens, output_final_state, deterministic
-    )
+    if cu_seqlens is None and segment_len is None:
+        from .chunk_split import choose_segment_len
+
+        B, L, H, P = v.shape
+        n_programs = B * H * triton.cdiv(P, _blocks(P, k.shape[-1], 256)[0])
+        segment_len = choose_segment_len(n_programs, L, v.device)
+    if cu_seqlens is None and segment_len is not None and segment_len < v.shape[1]:
+        if segment_len % CHUNK:
+            raise ValueError(f"segment_len must be a multiple of {CHUNK}, got {segment_len}")
+        from .chunk_split import KLASplitScanFunction
+
+        y, y_var, lam, eta = KLASplitScanFunction.apply(
+            v, lambda_v, k, q, a, p, lam0, eta0, segment_len, output_final_state, deterministic
+        )
+    else:
+        y, y_var, lam, eta = KLAScanFunction.apply(
+            v, lambda_v, k, q, a, p, lam0, eta0, cu_seqlens, output_final_state, deterministic
+        )
     return y, y_var, ((lam, eta) if output_final_state else None)
