@@ -31,6 +31,10 @@ import triton
 import triton.language as tl
 
 CHUNK = 32
+# Lanes (channels × states) per program and warps per program; tuned on an H200 by
+# bench/tune_scan.py (module attributes so the tuner can sweep them).
+FWD_LANES, FWD_WARPS = 256, 4
+BWD_LANES, BWD_WARPS = 128, 4
 
 
 @triton.jit
@@ -286,7 +290,7 @@ def kla_fwd(v, lambda_v, k, q, a, p, lam0, eta0, cu_seqlens, output_final_state,
     ck_shape = (n_slots, H, P, S) if save_checkpoints else (1,)
     ck_sigma = v.new_empty(ck_shape, dtype=torch.float32)
     ck_mu = v.new_empty(ck_shape, dtype=torch.float32)
-    BP, BS = _blocks(P, S, 256)
+    BP, BS = _blocks(P, S, FWD_LANES)
     grid = (n_seq * H, triton.cdiv(P, BP))
     _kla_fwd_kernel[grid](
         v, lambda_v, k, q, a, p,
@@ -294,7 +298,7 @@ def kla_fwd(v, lambda_v, k, q, a, p, lam0, eta0, cu_seqlens, output_final_state,
         y, y_var, lam_t, eta_t, ck_sigma, ck_mu, cu,
         T, H=H, P=P, S=S, BP=BP, BS=BS, CHUNK=CHUNK,
         USE_INITIAL_STATE=lam0 is not None, STORE_FINAL_STATE=output_final_state,
-        SAVE_CHECKPOINTS=save_checkpoints, IS_VARLEN=is_varlen, num_warps=4,
+        SAVE_CHECKPOINTS=save_checkpoints, IS_VARLEN=is_varlen, num_warps=FWD_WARPS,
     )
     final = (lam_t, eta_t) if output_final_state else None
     return y, y_var, final, (ck_sigma, ck_mu)
@@ -310,7 +314,7 @@ def kla_bwd(v, lambda_v, k, q, a, p, lam0, eta0, final, checkpoints, cu_seqlens,
     B, L, H, P = v.shape
     S = k.shape[-1]
     n_seq, T, cu, is_varlen = _prepare(v, cu_seqlens)
-    BP, BS = _blocks(P, S, 128)
+    BP, BS = _blocks(P, S, BWD_LANES)
     n_pblocks = triton.cdiv(P, BP)
     partial = deterministic or n_pblocks == 1
     f32 = dict(dtype=torch.float32, device=v.device)
@@ -348,7 +352,7 @@ def kla_bwd(v, lambda_v, k, q, a, p, lam0, eta0, final, checkpoints, cu_seqlens,
         T, B * L, H=H, P=P, S=S, BP=BP, BS=BS, CHUNK=CHUNK,
         USE_INITIAL_STATE=lam0 is not None, END_ADJOINT=mode,
         IS_VARLEN=is_varlen, DETERMINISTIC=deterministic, N_PBLOCKS=n_pblocks, MAP_ONLY=map_only,
-        num_warps=4,
+        num_warps=BWD_WARPS,
     )
     if map_only:
         return map_q, map_o
@@ -406,7 +410,7 @@ def triton_kla_scan(v, lambda_v, k, q, a, p, initial_state=None, output_final_st
         from .chunk_split import choose_segment_len
 
         B, L, H, P = v.shape
-        n_programs = B * H * triton.cdiv(P, _blocks(P, k.shape[-1], 256)[0])
+        n_programs = B * H * triton.cdiv(P, _blocks(P, k.shape[-1], FWD_LANES)[0])
         segment_len = choose_segment_len(n_programs, L, v.device)
     if cu_seqlens is None and segment_len is not None and segment_len < v.shape[1]:
         if segment_len % CHUNK:
