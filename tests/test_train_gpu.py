@@ -10,7 +10,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-LINE = re.compile(r"step (\d+)/\d+ \| loss ([\d.]+) .*tokens/s (\d+) \| TFLOP/s/device ([\d.]+)(?: \| MFU ([\d.]+)%)?")
+LINE = re.compile(r"step (\d+)/\d+ \| loss ([\d.]+) .*tokens/s (\d+) \| TFLOP/s/device ([\d.e+-]+)(?: \| MFU ([\d.]+)%)?")
 
 
 @pytest.mark.gpu

@@ -108,7 +108,8 @@ class TrainConfig:
     precision: str = "bf16"
     """'bf16' (bf16 compute, fp32 master weights; the scan runs in fp32) or 'fp32'."""
     recompute: str = "none"
-    """Activation recomputation: 'none', 'selective' or 'full'."""
+    """Activation recomputation: 'none'; 'selective' (the KLA scans and core attention are recomputed
+    in backward); 'full' (whole layers are recomputed)."""
     deterministic: bool = False
     """Deterministic algorithms (bitwise reproducible on CPU); slower."""
     nan_policy: str = "skip"

@@ -1,10 +1,10 @@
 """Training and validation batches from megatron-core datasets.
 
-Data position is a pure function of the step: optimizer step ``i`` consumes global samples
-``[i * G, (i + 1) * G)`` (G = global batch size); data-parallel rank ``r`` of ``D`` takes the
-contiguous ``G / D`` of them, cut into micro-batches. So the checkpointed data position is just
-the number of consumed samples, and a run resumed under a different data-parallel size sees
-exactly the same global batches. Validation always uses the same first batches of the
+Data position is the number of samples consumed so far, C: the next optimizer step consumes
+global samples ``[C, C + G)`` (G = global batch size); data-parallel rank ``r`` of ``D`` takes
+the contiguous ``G / D`` of them, cut into micro-batches. So the checkpointed data position is
+just C, and a run resumed under a different data-parallel size sees exactly the same global
+batches. Validation always uses the same first batches of the
 validation split, so validation losses are comparable across a run.
 """
 from __future__ import annotations

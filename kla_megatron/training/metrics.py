@@ -63,7 +63,7 @@ class Throughput:
 
 def format_line(step: int, total: int, m: dict) -> str:
     parts = [f"step {step}/{total}", f"loss {m['loss']:.4f}", f"lr {m['lr']:.3e}", f"grad_norm {m['grad_norm']:.3f}",
-             f"tokens/s {m['tokens_per_s']:.0f}", f"TFLOP/s/device {m['tflops_per_device']:.3f}"]
+             f"tokens/s {m['tokens_per_s']:.0f}", f"TFLOP/s/device {m['tflops_per_device']:.3g}"]
     if "mfu" in m:
         parts.append(f"MFU {100 * m['mfu']:.1f}%")
     parts.append(f"mem {m['mem_gib']:.2f}GiB")

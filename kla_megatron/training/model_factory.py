@@ -30,6 +30,8 @@ def load_model_config(run: RunConfig):
         cfg = models_api().load_model_config(run.model)
     except FileNotFoundError as exc:
         raise ValueError(f"model: {exc}") from None
+    if run.train.recompute == "selective":
+        cfg = dataclasses.replace(cfg, recompute_scan=True)
     if run.train.kla_backend != "auto":
         cfg = dataclasses.replace(cfg, scan_backend=run.train.kla_backend)
     multiple = math.lcm(128, run.parallel.tensor)

@@ -99,6 +99,8 @@ class Trainer:
         self.trackers = Trackers(run.logging, run.run_name, run.to_dict(), enabled=self.rank == 0)
         self.history = History()
         self.step = 0
+        self.consumed_samples = 0
+        """Data position: training samples consumed so far (a resumed run may change the batch size)."""
 
     # ------------------------------------------------------------------ helpers
 
@@ -106,9 +108,8 @@ class Trainer:
         if self.rank == 0:
             print(msg, flush=True)
 
-    def _global_batch(self, step: int) -> list[dict]:
-        return rank_micro_batches(self.datasets.train, step * self.run.train.global_batch_size, self.run,
-                                  self.dp_rank, self.dp)
+    def _global_batch(self) -> list[dict]:
+        return rank_micro_batches(self.datasets.train, self.consumed_samples, self.run, self.dp_rank, self.dp)
 
     def _validate(self) -> float:
         t = self.run.train
@@ -141,6 +142,7 @@ class Trainer:
                              f"({saved} -> {self.layout}); resume with the same data-parallel size")
         common = self.engine.load(os.path.join(path, "model"))
         self.step = int(common["step"])
+        self.consumed_samples = int(common["consumed_samples"])
         same_layout = manifest.get("layout") == self.layout
         if same_layout:
             ckpt.load_rng(path, self.rank)
@@ -153,7 +155,7 @@ class Trainer:
         if not c.dir or self.step == 0:
             return None
         tmp = ckpt.begin(c.dir, self.step)
-        common = {"step": self.step, "consumed_samples": self.step * self.run.train.global_batch_size}
+        common = {"step": self.step, "consumed_samples": self.consumed_samples}
         self.engine.save(os.path.join(tmp, "model"), common)
         ckpt.save_rng(tmp, self.rank)
         path = ckpt.commit(c.dir, self.step, {"layout": self.layout, "run_name": self.run.run_name}, c.keep_last)
@@ -174,8 +176,9 @@ class Trainer:
         try:
             last = t.exit_at_step or t.steps
             while self.step < last:
-                result = self.engine.train_step(self._global_batch(self.step), self.step)
+                result = self.engine.train_step(self._global_batch(), self.step)
                 self.step += 1
+                self.consumed_samples += t.global_batch_size
                 meter.add(t.global_batch_size * t.seq_length)
                 if result.skipped:
                     skipped_in_a_row += 1
