@@ -1,0 +1,3 @@
+"""Checkpoint conversion: megatron dist checkpoints ↔ Hugging Face, offline resharding, the
+paper's reference weights, verification. Command line: ``kla-convert`` (``cli.py``);
+commands and examples in README.md."""

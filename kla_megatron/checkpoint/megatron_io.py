@@ -1,0 +1,206 @@
+"""Megatron dist (torch_dist) checkpoints: find, read at TP = PP = 1, write at any TP/PP.
+
+Reading builds the model at TP = PP = 1 and asks dist checkpointing for its sharded state
+dict: megatron merges whatever TP/PP/DP/CP shards the checkpoint was saved with (our sharded
+state dicts use global layer numbers and a TP-independent split of the fused in_proj).
+Writing a chosen layout spawns TP·PP gloo ranks that build their part of the model, load it
+from a TP = PP = 1 checkpoint and save it again.
+
+Directory written (what the trainer's checkpoint discovery expects)::
+
+    <out>/iter_0000000/model/      torch_dist files (model weights only, no optimizer)
+    <out>/iter_0000000/manifest.json
+    <out>/model_config.yaml        the KLAModelConfig (also read back by kla-convert)
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+import yaml
+
+from kla_megatron.models import KLAModelConfig
+
+from . import ranks
+from .names import check_state_dict
+
+MODEL_CONFIG_FILE = "model_config.yaml"
+_MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
+
+
+def find_dist_checkpoint(path) -> Path:
+    """The torch_dist directory inside ``path``: itself, ``<path>/model``, or the latest
+    complete ``iter_*/model`` of a run's checkpoint root."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"megatron checkpoint {path} does not exist")
+    for candidate in (path, path / "model"):
+        if (candidate / "metadata.json").exists():
+            return candidate
+    from kla_megatron.training import checkpoint as ckpt
+
+    latest = ckpt.latest(str(path))
+    if latest is not None and (Path(latest) / "model" / "metadata.json").exists():
+        return Path(latest) / "model"
+    raise FileNotFoundError(
+        f"{path} is not a megatron dist checkpoint: no metadata.json in it or in model/, and no complete "
+        "iter_*/ checkpoint under it (a checkpoint without manifest.json is incomplete)"
+    )
+
+
+def find_model_config(ckpt_dir: Path) -> Optional[Path]:
+    """``model_config.yaml`` next to the checkpoint (the dist dir, its iter dir, or the run root)."""
+    for parent in (ckpt_dir, *list(ckpt_dir.parents)[:3]):
+        if (parent / MODEL_CONFIG_FILE).exists():
+            return parent / MODEL_CONFIG_FILE
+    return None
+
+
+def write_model_config(cfg: KLAModelConfig, path) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+
+
+def checkpoint_shapes(ckpt_dir) -> Dict[str, tuple]:
+    """Global shape of every tensor stored in a torch_dist checkpoint (from its metadata)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        meta = FileSystemReader(str(ckpt_dir)).read_metadata()
+    except Exception as exc:
+        raise ValueError(f"cannot read the dist checkpoint metadata in {ckpt_dir}: {exc}") from exc
+    return {k: tuple(v.size) for k, v in meta.state_dict_metadata.items() if hasattr(v, "size")}
+
+
+def adapt_vocab(cfg: KLAModelConfig, shapes: Dict[str, tuple]) -> KLAModelConfig:
+    """The trainer pads the vocabulary (multiple of 128·TP): take the checkpoint's padded size."""
+    stored = shapes.get("embedding.word_embeddings.weight")
+    if stored and stored[0] != cfg.vocab_size and stored[0] > cfg.vocab_size and stored[0] % 128 == 0:
+        return dataclasses.replace(cfg, vocab_size=stored[0])
+    return cfg
+
+
+def _setup(tp: int, pp: int):
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from kla_megatron.compat import enable_cpu_megatron
+
+    enable_cpu_megatron()
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    model_parallel_cuda_manual_seed(1234)
+
+
+def build_model(cfg: KLAModelConfig, tp: int = 1, pp: int = 1, dtype=torch.float32):
+    """This rank's part of the model (parallel state set up for ``tp`` × ``pp``)."""
+    from megatron.core import parallel_state
+
+    from kla_megatron.models import build_kla_model
+
+    _setup(tp, pp)
+    cfg = dataclasses.replace(cfg, scan_backend="torch" if not torch.cuda.is_available() else cfg.scan_backend)
+    tc = cfg.to_transformer_config(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, params_dtype=dtype)
+    return build_kla_model(cfg, tc, pre_process=parallel_state.is_pipeline_first_stage(),
+                           post_process=parallel_state.is_pipeline_last_stage())
+
+
+def load_into(model, ckpt_dir) -> None:
+    """Load ``model``'s tensors from a dist checkpoint; missing or mis-shaped model tensors and
+    stored model tensors this architecture lacks are errors (optimizer state is ignored)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    sharded = model.sharded_state_dict()
+    try:
+        state, missing, unexpected = dist_checkpointing.load(
+            {"model": sharded}, str(ckpt_dir), strict=StrictHandling.RETURN_ALL
+        )
+    except Exception as exc:
+        raise ValueError(f"cannot load the megatron checkpoint {ckpt_dir} into this model: {exc}") from exc
+    unexpected = sorted(k for k in unexpected if k.startswith(_MODEL_PREFIXES))
+    if missing or unexpected:
+        raise ValueError(f"megatron checkpoint {ckpt_dir} does not match the model config: missing tensors "
+                         f"{sorted(missing)}, unexpected tensors {unexpected}")
+    model.load_state_dict(state["model"], strict=True)
+
+
+def _load_full(ckpt_dir: str, cfg: KLAModelConfig, dtype):
+    model = build_model(cfg, 1, 1, dtype)
+    load_into(model, ckpt_dir)
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+
+
+def load_megatron_state(ckpt_dir, cfg: KLAModelConfig, dtype=torch.float32) -> Dict[str, torch.Tensor]:
+    """Full (TP = PP = 1) state dict of a dist checkpoint saved at any layout."""
+    return ranks.run(_load_full, 1, (str(ckpt_dir), cfg, dtype))
+
+
+def _save_full(state, cfg: KLAModelConfig, out_model_dir: str, dtype):
+    from megatron.core import dist_checkpointing
+
+    model = build_model(cfg, 1, 1, dtype)
+    expected = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    check_state_dict(state, expected, "megatron model")
+    model.load_state_dict(state, strict=False)  # only _extra_state entries are absent (checked above)
+    os.makedirs(out_model_dir, exist_ok=True)
+    dist_checkpointing.save({"model": model.sharded_state_dict(), "common": {"step": 0, "consumed_samples": 0}},
+                            out_model_dir)
+
+
+def _reshard(src_dir: str, cfg: KLAModelConfig, out_model_dir: str, tp: int, pp: int, dtype):
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    model = build_model(cfg, tp, pp, dtype)
+    load_into(model, src_dir)
+    if dist.get_rank() == 0:
+        os.makedirs(out_model_dir, exist_ok=True)
+    dist.barrier()
+    dist_checkpointing.save({"model": model.sharded_state_dict(), "common": {"step": 0, "consumed_samples": 0}},
+                            out_model_dir)
+    dist.barrier()
+
+
+def _publish(out_root: Path, tmp_model_dir: Path, cfg: KLAModelConfig, tp: int, pp: int) -> Path:
+    """Move a written model dir into ``<out>/iter_0000000/`` with a manifest (atomic rename)."""
+    from kla_megatron.training import checkpoint as ckpt
+
+    out_root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(ckpt.step_dir(str(out_root), 0) + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    shutil.move(str(tmp_model_dir), str(tmp / "model"))
+    ckpt.commit(str(out_root), 0, {"layout": {"tp": tp, "pp": pp}, "converted_by": "kla-convert"}, keep_last=0)
+    write_model_config(cfg, out_root / MODEL_CONFIG_FILE)
+    return Path(ckpt.step_dir(str(out_root), 0))
+
+
+def save_megatron(state: Dict[str, torch.Tensor], cfg: KLAModelConfig, out_root, tp: int = 1, pp: int = 1,
+                  dtype=torch.float32) -> Path:
+    """Write a TP = PP = 1 state dict as a dist checkpoint laid out for ``tp`` × ``pp``."""
+    out_root = Path(out_root)
+    with tempfile.TemporaryDirectory(dir=out_root.parent if out_root.parent.exists() else None) as tmp:
+        full = Path(tmp) / "tp1"
+        ranks.run(_save_full, 1, (state, cfg, str(full), dtype))
+        if (tp, pp) == (1, 1):
+            return _publish(out_root, full, cfg, tp, pp)
+        target = Path(tmp) / "target"
+        ranks.run(_reshard, tp * pp, (str(full), cfg, str(target), tp, pp, dtype))
+        return _publish(out_root, target, cfg, tp, pp)
+
+
+def reshard(src, cfg: KLAModelConfig, out_root, tp: int, pp: int, dtype=torch.float32) -> Path:
+    """Offline resharding: load ``src`` (any layout) at ``tp`` × ``pp`` and save it there."""
+    src_dir = find_dist_checkpoint(src)
+    out_root = Path(out_root)
+    with tempfile.TemporaryDirectory(dir=out_root.parent if out_root.parent.exists() else None) as tmp:
+        target = Path(tmp) / "target"
+        ranks.run(_reshard, tp * pp, (str(src_dir), cfg, str(target), tp, pp, dtype))
+        return _publish(out_root, target, cfg, tp, pp)

@@ -1,0 +1,490 @@
+"""Hugging Face ``KLAConfig`` / ``KLAForCausalLM``: the kla-megatron network in plain PyTorch.
+
+This file is self-contained on purpose: it is copied into every exported directory (with
+``auto_map`` in config.json) so that ``AutoModelForCausalLM.from_pretrained(path,
+trust_remote_code=True)`` works on a machine without our package. It imports only torch and
+transformers. When ``kla_megatron`` is importable, the KLA filter runs through its
+``kla_scan`` / ``kla_decode_step`` kernels (Triton on GPU); otherwise through the sequential
+PyTorch filter below (same math, kla_math.md §1, information form).
+
+The network (same as ``kla_megatron.models.KLAModel`` at TP = PP = 1): embedding → one layer
+per ``layer_pattern`` symbol (``K`` KLA mixer, ``*`` causal self-attention with RoPE/GQA, ``-``
+MLP), each ``x + f(norm(x))`` → final norm → output layer (or the tied embedding).
+
+Parameter names (``model.layers.<i>.`` prefix; shapes as in the megatron model):
+  K: ``norm.weight``, ``mixer.{in_proj.weight, conv_weight, conv_bias, sensor_weight,
+     var_expand (mamba), A_log, delta_raw, p, lambda_skip, out_proj.weight}``
+  *: ``norm.weight``, ``attn.qkv_proj.weight`` (megatron's grouped layout: for each query
+     group [its query heads | k | v]), ``attn.o_proj.weight``
+  -: ``norm.weight``, ``mlp.fc1.weight`` ([gate | up] for SwiGLU), ``mlp.fc2.weight``
+  ``model.embed_tokens.weight``, ``model.norm_f.weight``, ``lm_head.weight`` (absent when tied).
+LayerNorm models also have ``.bias`` on every norm.
+
+Decoding: ``KLACache`` holds each KLA layer's conv window and filter state (O(1) per token)
+and each attention layer's keys/values. ``output_variance=True`` also returns, per KLA layer,
+the mixer's output variance ``out_proj.weight² · y_var`` [b, s, D] (the paper's uncertainty).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.utils import ModelOutput
+from transformers.utils import generic as _generic
+
+try:  # our kernels when the package is installed; the exported file must not need them
+    from kla_megatron.ops.kla import kla_decode_step as _pkg_decode_step
+    from kla_megatron.ops.kla import kla_scan as _pkg_scan
+except ImportError:
+    _pkg_scan = _pkg_decode_step = None
+
+_CACHE_FIELD = "cache" if hasattr(_generic, "_rename_kwargs_for_bc") else "past_key_values"
+OBS_VAR_MIN = 1e-4
+P_MIN = 1e-7
+DELTA_EPS = 1e-7
+L2_EPS = 1e-12
+LAYER_SYMBOLS = "K*-"
+
+
+class KLAConfig(PretrainedConfig):
+    """Architecture of a KLA / hybrid model (the fields of ``KLAModelConfig``)."""
+
+    model_type = "kla"
+    attribute_map = {"num_hidden_layers": "num_layers", "max_position_embeddings": "max_seq_len"}
+
+    def __init__(self, vocab_size=256, hidden_size=64, num_layers=2, layer_pattern=None, kla_heads=1, d_state=16,
+                 expand=2.0, conv_kernel=4, preset="plain", kla_var_rank=None, num_attention_heads=8,
+                 num_query_groups=None, ffn_hidden_size=None, swiglu=True, normalization="RMSNorm", norm_eps=1e-5,
+                 tie_embeddings=False, position_embedding="none", rotary_base=10000, max_seq_len=2048,
+                 scan_backend="auto", initializer_range=0.02, **kwargs):
+        self.vocab_size, self.hidden_size, self.num_layers = vocab_size, hidden_size, num_layers
+        self.layer_pattern = layer_pattern if layer_pattern is not None else ("K-" * num_layers)[:num_layers]
+        self.kla_heads, self.d_state, self.expand, self.conv_kernel = kla_heads, d_state, expand, conv_kernel
+        self.preset, self.kla_var_rank = preset, kla_var_rank
+        self.num_attention_heads, self.num_query_groups = num_attention_heads, num_query_groups
+        if ffn_hidden_size is None:
+            ffn_hidden_size = 64 * math.ceil(8 * hidden_size / 3 / 64) if swiglu else 4 * hidden_size
+        self.ffn_hidden_size, self.swiglu = ffn_hidden_size, swiglu
+        self.normalization, self.norm_eps = normalization, norm_eps
+        self.tie_embeddings = tie_embeddings  # we tie ourselves (no lm_head module): HF's tying stays off
+        self.position_embedding, self.rotary_base, self.max_seq_len = position_embedding, rotary_base, max_seq_len
+        self.scan_backend, self.initializer_range = scan_backend, initializer_range
+        kwargs["tie_word_embeddings"] = False
+        super().__init__(**kwargs)
+        self.validate_architecture()
+
+    def validate_architecture(self) -> None:
+        """ValueError naming the first inconsistent field."""
+        bad = sorted({c for c in self.layer_pattern if c not in LAYER_SYMBOLS})
+        if bad:
+            raise ValueError(f"KLAConfig.layer_pattern {self.layer_pattern!r} has unknown symbols {bad} (use K, *, -)")
+        if len(self.layer_pattern) != self.num_layers:
+            raise ValueError(f"KLAConfig: layer_pattern has {len(self.layer_pattern)} symbols, num_layers={self.num_layers}")
+        if self.preset not in ("plain", "mamba"):
+            raise ValueError(f"KLAConfig.preset must be 'plain' or 'mamba', got {self.preset!r}")
+        if self.normalization not in ("RMSNorm", "LayerNorm"):
+            raise ValueError(f"KLAConfig.normalization must be 'RMSNorm' or 'LayerNorm', got {self.normalization!r}")
+        if self.position_embedding not in ("none", "rope"):
+            raise ValueError(f"KLAConfig.position_embedding must be 'none' or 'rope', got {self.position_embedding!r}")
+        if self.d_inner % self.kla_heads:
+            raise ValueError(f"KLAConfig: d_inner {self.d_inner} is not divisible by kla_heads {self.kla_heads}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"KLAConfig: hidden_size {self.hidden_size} not divisible by num_attention_heads "
+                             f"{self.num_attention_heads}")
+        if self.num_attention_heads % self.query_groups:
+            raise ValueError(f"KLAConfig: num_attention_heads {self.num_attention_heads} not divisible by "
+                             f"num_query_groups {self.query_groups}")
+        if self.preset == "mamba" and self.var_rank % self.kla_heads:
+            raise ValueError(f"KLAConfig: kla_var_rank {self.var_rank} not divisible by kla_heads {self.kla_heads}")
+
+    @property
+    def d_inner(self) -> int:
+        return int(self.expand * self.hidden_size)
+
+    @property
+    def var_rank(self) -> int:
+        return self.kla_var_rank if self.kla_var_rank is not None else math.ceil(self.hidden_size / 8)
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+
+# ---------------------------------------------------------------------- the filter
+
+
+def discretize(A_log, delta_raw, p):
+    """(A_log, Δ_raw, p) → (ā, p̄), Ornstein–Uhlenbeck (kla_math.md §1)."""
+    rate = torch.exp(A_log)
+    delta = F.softplus(delta_raw) + DELTA_EPS
+    return torch.exp(-delta * rate), p / (2 * rate) * (-torch.expm1(-2 * rate * delta))
+
+
+def filter_step(v, lambda_v, k, q, a, p, lam, eta):
+    """One token of the filter. v, lambda_v [B, H, P]; k, q [B, H, S]; a, p [H, P, S];
+    lam, eta [B, H, P, S] (state dtype). Returns y, y_var [B, H, P] and the new (lam, eta)."""
+    v, lambda_v, k, q = (x.to(lam.dtype) for x in (v, lambda_v, k, q))
+    d = a * a + p * lam
+    lam = lam / d + lambda_v[..., None] * (k * k)[:, :, None, :]
+    eta = (a / d) * eta + (v * lambda_v)[..., None] * k[:, :, None, :]
+    qe = q[:, :, None, :]
+    return (qe * eta / lam).sum(-1), (qe * qe / lam).sum(-1), lam, eta
+
+
+def builtin_scan(v, lambda_v, k, q, a, p, state):
+    """Sequential filter over [B, L, ...] inputs from ``state``; returns y, y_var [B, L, H, P], state."""
+    lam, eta = state
+    ys, yvars = [], []
+    for t in range(v.shape[1]):
+        y, y_var, lam, eta = filter_step(v[:, t], lambda_v[:, t], k[:, t], q[:, t], a, p, lam, eta)
+        ys.append(y)
+        yvars.append(y_var)
+    return torch.stack(ys, 1), torch.stack(yvars, 1), (lam, eta)
+
+
+def run_filter(v, lambda_v, k, q, a, p, state, backend):
+    """Dispatch: our package's kernels when importable (and not ``backend="builtin"``)."""
+    use_pkg = _pkg_scan is not None and backend != "builtin"
+    if v.shape[1] == 1:
+        if use_pkg:
+            y, y_var, state = _pkg_decode_step(v[:, 0], lambda_v[:, 0], k[:, 0], q[:, 0], a, p, state,
+                                               backend=backend)
+            return y[:, None], y_var[:, None], state
+        y, y_var, lam, eta = filter_step(v[:, 0], lambda_v[:, 0], k[:, 0], q[:, 0], a, p, *state)
+        return y[:, None], y_var[:, None], (lam, eta)
+    if use_pkg:
+        return _pkg_scan(v, lambda_v, k, q, a, p, initial_state=state, output_final_state=True, backend=backend,
+                         check_values=False)
+    return builtin_scan(v, lambda_v, k, q, a, p, state)
+
+
+# ---------------------------------------------------------------------- cache
+
+
+class KLACache:
+    """Decoding state: per layer index, KLA ``(conv window, (lam, eta))`` or attention ``(k, v)``.
+    ``seen`` counts the tokens already consumed (RoPE offset, input slicing)."""
+
+    is_compileable = False
+
+    def __init__(self):
+        self.layers: Dict[int, tuple] = {}
+        self.seen = 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen
+
+    def __len__(self):
+        return len(self.layers)
+
+
+@dataclass
+class KLACausalLMOutput(ModelOutput):
+    loss: Optional[torch.FloatTensor] = None
+    logits: Optional[torch.FloatTensor] = None
+    cache: Optional[KLACache] = None
+    past_key_values: Optional[KLACache] = None
+    hidden_states: Optional[Tuple[torch.FloatTensor, ...]] = None
+    variances: Optional[Tuple[torch.FloatTensor, ...]] = None
+
+
+# ---------------------------------------------------------------------- modules
+
+
+class KLANorm(nn.Module):
+    def __init__(self, config: KLAConfig):
+        super().__init__()
+        self.rms, self.eps = config.normalization == "RMSNorm", config.norm_eps
+        self.weight = nn.Parameter(torch.ones(config.hidden_size))
+        self.bias = None if self.rms else nn.Parameter(torch.zeros(config.hidden_size))
+
+    def forward(self, x):
+        dtype = x.dtype
+        h = x.float() if dtype in (torch.float16, torch.bfloat16) else x
+        if self.rms:
+            h = h * torch.rsqrt(h.square().mean(-1, keepdim=True) + self.eps) * self.weight.to(h.dtype)
+        else:
+            h = F.layer_norm(h, h.shape[-1:], self.weight.to(h.dtype), self.bias.to(h.dtype), self.eps)
+        return h.to(dtype)
+
+
+class KLAMixer(nn.Module):
+    """The multi-head KLA mixer (kla_math.md §2); H = 1 is the paper's layer."""
+
+    def __init__(self, config: KLAConfig):
+        super().__init__()
+        D, M, H, S, K = config.hidden_size, config.d_inner, config.kla_heads, config.d_state, config.conv_kernel
+        self.H, self.P, self.S, self.K, self.M = H, M // H, S, K, M
+        self.preset, self.backend = config.preset, config.scan_backend
+        self.w_v, self.w_var = (self.P, self.P) if config.preset == "plain" else (0, config.var_rank // H)
+        self.in_proj = nn.Linear(D, 2 * M, bias=False)
+        self.out_proj = nn.Linear(M, D, bias=False)
+        bound = 1.0 / math.sqrt(K)
+        self.conv_weight = nn.Parameter(torch.empty(M, 1, K).uniform_(-bound, bound))
+        self.conv_bias = nn.Parameter(torch.zeros(M))
+        self.sensor_weight = nn.Parameter(torch.randn(H, self.w_v + self.w_var + 2 * S, self.P) * 0.02)
+        self.var_expand = nn.Parameter(torch.randn(H, self.P, self.w_var) * 0.02) if self.preset == "mamba" else None
+        dt = torch.exp(torch.rand(H, self.P, S) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp_min(1e-4)
+        self.delta_raw = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        self.A_log = nn.Parameter(torch.zeros(H, self.P, S))
+        self.p = nn.Parameter(torch.full((H, self.P, S), 0.01))
+        self.lambda_skip = nn.Parameter(torch.tensor(-1.0))
+
+    def _conv(self, x, window):
+        """Causal depthwise conv of x [b, s, M] after the K-1 inputs in ``window`` [b, M, K-1]."""
+        b, s, M = x.shape
+        K = self.K
+        if window is None:
+            window = x.new_zeros(b, M, K - 1)
+        padded = torch.cat([window.transpose(1, 2).to(x.dtype), x], dim=1)
+        w = self.conv_weight.to(x.dtype)[:, 0, :]
+        y = self.conv_bias.to(x.dtype).expand(b, s, M)
+        for lag in range(K):
+            y = y + padded[:, K - 1 - lag : K - 1 - lag + s] * w[:, K - 1 - lag]
+        return y, padded[:, padded.shape[1] - (K - 1) :].transpose(1, 2)
+
+    def _sensors(self, z):
+        b, s, _ = z.shape
+        zh = z.view(b, s, self.H, self.P)
+        out = torch.einsum("bshp,hop->bsho", zh, self.sensor_weight.to(z.dtype))
+        v, log_var, k, q = torch.split(out, [self.w_v, self.w_var, self.S, self.S], dim=-1)
+        if self.preset == "mamba":
+            v = zh
+            log_var = torch.einsum("bshr,hpr->bshp", log_var, self.var_expand.to(z.dtype))
+        dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+        lambda_v = 1.0 / (F.softplus(log_var.to(dtype)) + OBS_VAR_MIN)
+        k, q = (x.to(dtype) / x.to(dtype).norm(dim=-1, keepdim=True).clamp_min(L2_EPS) for x in (k, q))
+        return v.to(dtype), lambda_v, k, q
+
+    def forward(self, x, layer_cache=None, want_variance=False):
+        """x [b, s, D] → out [b, s, D], out_var or None, new layer cache."""
+        z, gate = self.in_proj(x).split(self.M, dim=-1)
+        b, s, _ = z.shape
+        window, state = layer_cache if layer_cache is not None else (None, None)
+        z, window = self._conv(z, window)
+        z = F.silu(z)
+        v, lambda_v, k, q = self._sensors(z)
+        dtype = torch.float64 if self.A_log.dtype == torch.float64 else torch.float32
+        a, p = discretize(self.A_log.to(dtype), self.delta_raw.to(dtype), self.p.to(dtype).clamp_min(P_MIN))
+        if state is None:
+            shape = (b, self.H, self.P, self.S)
+            state = (torch.ones(shape, dtype=dtype, device=x.device), torch.zeros(shape, dtype=dtype, device=x.device))
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            y, y_var, state = run_filter(v, lambda_v, k, q, a, p, state, self.backend)
+        y = y.reshape(b, s, self.M).to(z.dtype) + self.lambda_skip.to(z.dtype) * z
+        g = F.silu(gate)
+        out = self.out_proj(y * g)
+        out_var = None
+        if want_variance:
+            y_var = y_var.reshape(b, s, self.M).to(z.dtype) * g.square()
+            out_var = F.linear(y_var, self.out_proj.weight.square())
+        return out, out_var, (window.detach(), tuple(t.detach() for t in state))
+
+
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class KLAAttention(nn.Module):
+    """Causal self-attention with megatron's fused grouped QKV layout, RoPE and GQA."""
+
+    def __init__(self, config: KLAConfig):
+        super().__init__()
+        self.nh, self.ng = config.num_attention_heads, config.query_groups
+        self.hd = config.hidden_size // self.nh
+        self.rope, self.base = config.position_embedding == "rope", config.rotary_base
+        self.qkv_proj = nn.Linear(config.hidden_size, (self.nh + 2 * self.ng) * self.hd, bias=False)
+        self.o_proj = nn.Linear(self.nh * self.hd, config.hidden_size, bias=False)
+
+    def _apply_rope(self, x, offset):
+        s = x.shape[1]
+        inv_freq = 1.0 / (self.base ** (torch.arange(0, self.hd, 2, dtype=torch.float32, device=x.device) / self.hd))
+        pos = torch.arange(offset, offset + s, dtype=torch.float32, device=x.device)
+        emb = torch.cat([torch.outer(pos, inv_freq)] * 2, dim=-1)[None, :, None, :]
+        return x * emb.cos().to(x.dtype) + _rotate_half(x) * emb.sin().to(x.dtype)
+
+    def forward(self, x, layer_cache=None, offset=0):
+        b, s, _ = x.shape
+        per = self.nh // self.ng
+        qkv = self.qkv_proj(x).view(b, s, self.ng, (per + 2) * self.hd)
+        q, k, v = qkv.split([per * self.hd, self.hd, self.hd], dim=-1)
+        q = q.reshape(b, s, self.nh, self.hd)
+        if self.rope:
+            q, k = self._apply_rope(q, offset), self._apply_rope(k, offset)
+        if layer_cache is not None:
+            k, v = torch.cat([layer_cache[0], k], 1), torch.cat([layer_cache[1], v], 1)
+        total = k.shape[1]
+        kr = k.repeat_interleave(per, dim=2)  # [b, total, nh, hd]
+        vr = v.repeat_interleave(per, dim=2)
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, kr) / math.sqrt(self.hd)
+        allowed = torch.arange(total, device=x.device)[None, :] <= torch.arange(total - s, total, device=x.device)[:, None]
+        scores = scores.float().masked_fill(~allowed, float("-inf")).softmax(-1).to(q.dtype)
+        out = torch.einsum("bhqk,bkhd->bqhd", scores, vr).reshape(b, s, self.nh * self.hd)
+        return self.o_proj(out), (k.detach(), v.detach())
+
+
+class KLAMLP(nn.Module):
+    def __init__(self, config: KLAConfig):
+        super().__init__()
+        F_ = config.ffn_hidden_size
+        self.swiglu = config.swiglu
+        self.fc1 = nn.Linear(config.hidden_size, 2 * F_ if self.swiglu else F_, bias=False)
+        self.fc2 = nn.Linear(F_, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            return self.fc2(F.silu(gate) * up)
+        return self.fc2(F.gelu(h))
+
+
+class KLABlock(nn.Module):
+    """One pattern symbol: ``x + f(norm(x))``."""
+
+    def __init__(self, config: KLAConfig, symbol: str):
+        super().__init__()
+        self.symbol = symbol
+        self.norm = KLANorm(config)
+        if symbol == "K":
+            self.mixer = KLAMixer(config)
+        elif symbol == "*":
+            self.attn = KLAAttention(config)
+        else:
+            self.mlp = KLAMLP(config)
+
+    def forward(self, x, layer_cache, offset, want_variance):
+        h = self.norm(x)
+        if self.symbol == "K":
+            out, var, layer_cache = self.mixer(h, layer_cache, want_variance)
+            return x + out, var, layer_cache
+        if self.symbol == "*":
+            out, layer_cache = self.attn(h, layer_cache, offset)
+            return x + out, None, layer_cache
+        return x + self.mlp(h), None, None
+
+
+# ---------------------------------------------------------------------- models
+
+
+class KLAPreTrainedModel(PreTrainedModel):
+    config_class = KLAConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = False
+    _is_stateful = True
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # our own KLACache, created by the forward
+
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.data.normal_(0.0, std)
+        elif isinstance(module, KLANorm):
+            module.weight.data.fill_(1.0)
+            if module.bias is not None:
+                module.bias.data.zero_()
+
+
+class KLAModel(KLAPreTrainedModel):
+    def __init__(self, config: KLAConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([KLABlock(config, c) for c in config.layer_pattern])
+        self.norm_f = KLANorm(config)
+        self.post_init()
+
+    def forward(self, input_ids=None, inputs_embeds=None, cache: Optional[KLACache] = None, want_variance=False,
+                output_hidden_states=False):
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        offset = cache.seen if cache is not None else 0
+        variances, hidden = [], [x] if output_hidden_states else None
+        for i, layer in enumerate(self.layers):
+            layer_cache = cache.layers.get(i) if cache is not None else None
+            x, var, layer_cache = layer(x, layer_cache, offset, want_variance)
+            if cache is not None and layer_cache is not None:
+                cache.layers[i] = layer_cache
+            if var is not None:
+                variances.append(var)
+            if output_hidden_states:
+                hidden.append(x)
+        if cache is not None:
+            cache.seen += x.shape[1]
+        return self.norm_f(x), tuple(variances), tuple(hidden) if hidden else None
+
+
+class KLAForCausalLM(KLAPreTrainedModel, GenerationMixin):
+    def __init__(self, config: KLAConfig):
+        super().__init__(config)
+        self.model = KLAModel(config)
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def output_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def prepare_inputs_for_generation(self, input_ids, cache=None, past_key_values=None, attention_mask=None,
+                                      inputs_embeds=None, use_cache=True, **kwargs):
+        cache = cache if cache is not None else past_key_values
+        if not isinstance(cache, KLACache):
+            cache = KLACache() if use_cache is not False else None
+        if cache is not None and cache.seen > 0:
+            input_ids = input_ids[:, cache.seen :]  # only the tokens the state has not consumed
+            inputs_embeds = None
+        inputs = {"cache": cache, "use_cache": use_cache, "attention_mask": attention_mask}
+        if inputs_embeds is not None:
+            inputs["inputs_embeds"] = inputs_embeds
+        else:
+            inputs["input_ids"] = input_ids
+        return inputs
+
+    def forward(self, input_ids=None, attention_mask=None, cache=None, past_key_values=None, inputs_embeds=None,
+                labels=None, use_cache=None, output_variance=False, output_hidden_states=None, return_dict=None,
+                logits_to_keep=0, **kwargs):
+        """Logits [b, s, V] (fp32). ``attention_mask`` may only mark right padding (the recurrent
+        state would absorb left padding); ``labels`` give the mean next-token cross entropy."""
+        if attention_mask is not None and attention_mask.dim() == 2:
+            mask = attention_mask.to(torch.bool)
+            if bool((~mask[:, :-1] & mask[:, 1:]).any()):
+                raise ValueError("KLAForCausalLM: left or inner padding is not supported (recurrent state); "
+                                 "pad on the right (tokenizer.padding_side = 'right')")
+        cache = cache if cache is not None else past_key_values
+        if cache is not None and not isinstance(cache, KLACache):
+            if cache.get_seq_length() != 0:
+                raise ValueError(f"KLAForCausalLM needs a KLACache, got a non-empty {type(cache).__name__}")
+            cache = None
+        if cache is None and use_cache:
+            cache = KLACache()
+        hidden, variances, all_hidden = self.model(input_ids, inputs_embeds, cache, output_variance,
+                                                   bool(output_hidden_states))
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = F.linear(hidden, self.output_weight().to(hidden.dtype))
+        logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                   ignore_index=-100)
+        # transformers >= 5 names the cache `cache`, 4.x `past_key_values` (5.x refuses both at once).
+        cache_field = {"cache": cache} if _CACHE_FIELD == "cache" else {"past_key_values": cache}
+        return KLACausalLMOutput(loss=loss, logits=logits, hidden_states=all_hidden,
+                                 variances=variances if output_variance else None, **cache_field)
+
+    def _reorder_cache(self, cache, beam_idx):
+        raise ValueError("KLAForCausalLM: beam search is not supported (use greedy or sampling)")
