@@ -39,9 +39,12 @@ def run(argv=None):
 
     trainer = Trainer(cfg)
     try:
-        return trainer.train()
-    finally:
-        trainer.close()
+        history = trainer.train()
+    except BaseException:
+        trainer.close(barrier=False)  # other ranks may be gone: do not wait for them
+        raise
+    trainer.close()
+    return history
 
 
 def main(argv=None) -> int:

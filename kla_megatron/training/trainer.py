@@ -226,10 +226,10 @@ class Trainer:
         self.history.final_step = self.step
         return self.history
 
-    def close(self) -> None:
+    def close(self, barrier: bool = True) -> None:
         from megatron.core import parallel_state as ps
 
         self.trackers.close()
-        if dist.is_initialized():
+        if barrier and dist.is_initialized():
             dist.barrier()
         ps.destroy_model_parallel()
