@@ -5,7 +5,6 @@ import math
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from kla_megatron.parallel.conv_halo import cp_causal_conv, cp_position_in_doc
 from kla_megatron.parallel.sharding import shard, unshard
