@@ -22,7 +22,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from ..ops.kla import kla_scan
+from ..ops.kla import kla_scan, triton_available
 from ..ops.kla import transform as tr
 from ..ops.kla.carry import adjoint_to_info, apply_adjoint_map, chunk_transforms, end_adjoint_maps
 from .sharding import check_layout, chunk_ids, num_chunks
@@ -110,6 +110,17 @@ def _by_chunk(gathered: torch.Tensor, cp_size: int, layout: str) -> List[torch.T
 # --------------------------------------------------------------------------- per-chunk pieces
 
 
+def _carry_ops(backend: str, device: torch.device):
+    """(chunk_transforms, end_adjoint_maps): the Triton kernels where the local scan runs on
+    Triton (same signatures, fp32), else the PyTorch versions (any device, fp64-capable)."""
+    if device.type == "cuda" and backend in ("auto", "triton") and triton_available():
+        from ..ops.kla.chunk_carry import triton_chunk_transforms, triton_end_adjoint_maps
+
+        return triton_chunk_transforms, triton_end_adjoint_maps
+    return chunk_transforms, end_adjoint_maps
+
+
+
 def _slice(x, piece: _Piece, seg: Optional[_Segment] = None):
     x = x[:, piece.local]
     return x if seg is None else x[:, seg.start : seg.end]
@@ -119,10 +130,10 @@ def _initial_rows(lam0, eta0, doc):
     return (lam0, eta0) if doc < 0 else (lam0[doc : doc + 1], eta0[doc : doc + 1])
 
 
-def _piece_transform(piece: _Piece, vlv, lambda_v, k, a, p, lam0, eta0):
+def _piece_transform(piece: _Piece, vlv, lambda_v, k, a, p, lam0, eta0, transforms=chunk_transforms):
     """The chunk's transform, as seen by later chunks: the part after its last reset."""
     last = piece.segments[-1]
-    t = chunk_transforms(_slice(vlv, piece, last), _slice(lambda_v, piece, last), _slice(k, piece, last), a, p)
+    t = transforms(_slice(vlv, piece, last), _slice(lambda_v, piece, last), _slice(k, piece, last), a, p)
     if last.starts_here:
         t = tr.compose(t, tr.reset(*(s.to(t.dtype) for s in _initial_rows(lam0, eta0, last.doc))))
     return t
@@ -153,7 +164,8 @@ def _final_grads(piece: _Piece, d_final: Optional[State], like: torch.Tensor):
     return d_lam, d_eta
 
 
-def _piece_adjoint_map(piece, v, lambda_v, k, q, a, p, gy, gv, start: State, d_final_rows: State):
+def _piece_adjoint_map(piece, v, lambda_v, k, q, a, p, gy, gv, start: State, d_final_rows: State,
+                       adjoint_maps=end_adjoint_maps):
     """(Q, o) of the chunk as seen by earlier chunks: only its first segment, if that one
     continues a sequence from the previous chunk."""
     seg = piece.segments[0]
@@ -163,7 +175,7 @@ def _piece_adjoint_map(piece, v, lambda_v, k, q, a, p, gy, gv, start: State, d_f
         return torch.stack([zeros] * 3), torch.stack([zeros] * 2)
     args = [_slice(x, piece, seg) for x in (v, lambda_v, k, q)] + [a, p] + [_slice(g, piece, seg) for g in (gy, gv)]
     grad_final = tuple(d[:1] if seg.doc >= 0 else d for d in d_final_rows) if seg.ends_here else None
-    q_map, o = end_adjoint_maps(*args, tuple(s.to(start[0].dtype) for s in start), grad_final_state=grad_final)
+    q_map, o = adjoint_maps(*args, tuple(s.to(start[0].dtype) for s in start), grad_final_state=grad_final)
     if len(piece.segments) > 1:
         q_map = torch.zeros_like(q_map)  # the chunk's end belongs to a later document
     return q_map, o
@@ -180,8 +192,9 @@ class _CPKLAScan(torch.autograd.Function):
         state_dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
 
         # 1-2. transforms of the local chunks, one all-gather.
+        transforms, _ = _carry_ops(backend, v.device)
         vlv = v * lambda_v
-        local_t = torch.stack([_piece_transform(pc, vlv, lambda_v, k, a, p, lam0, eta0) for pc in pieces])
+        local_t = torch.stack([_piece_transform(pc, vlv, lambda_v, k, a, p, lam0, eta0, transforms) for pc in pieces])
         by_chunk = _by_chunk(_exchange(local_t.to(state_dtype), group), cp_size, layout)
 
         # 3. exclusive prefix in global chunk order; chunk 0 starts with a reset, so the
@@ -215,6 +228,7 @@ class _CPKLAScan(torch.autograd.Function):
 
         ctx.pieces, ctx.outs, ctx.leaves, ctx.starts = pieces, outs, leaves, starts_used
         ctx.group, ctx.layout, ctx.saved_inputs = group, layout, (v, lambda_v, k, q, a, p)
+        ctx.backend = backend
         y = torch.cat([o[0] for o in outs], dim=1).detach()
         y_var = torch.cat([o[1] for o in outs], dim=1).detach()
         if not want_final:
@@ -233,8 +247,9 @@ class _CPKLAScan(torch.autograd.Function):
         final_rows = [_final_grads(pc, d_final, out[2].detach()) for pc, out in zip(pieces, outs)]
 
         # 1-2. end-adjoint maps of the local chunks, one all-gather.
+        _, adjoint_maps = _carry_ops(ctx.backend, v.device)
         maps = [
-            _piece_adjoint_map(pc, v, lambda_v, k, q, a, p, gy, gv, start, rows)
+            _piece_adjoint_map(pc, v, lambda_v, k, q, a, p, gy, gv, start, rows, adjoint_maps)
             for pc, start, rows in zip(pieces, ctx.starts, final_rows)
         ]
         local = torch.stack([torch.cat([m[0], m[1]]) for m in maps])
