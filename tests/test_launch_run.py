@@ -1,0 +1,90 @@
+"""The launchers for real on CPU/gloo: launch/torchrun.sh as two "nodes" (two rendezvous agents
+on 127.0.0.1) and launch/deepspeed.sh with a `localhost slots=2` hostfile, each training the tiny
+model for a few steps."""
+import os
+import re
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_MODEL = """\
+vocab_size: 512
+hidden_size: 32
+num_layers: 2
+layer_pattern: "K-"
+kla_heads: 2
+d_state: 4
+num_attention_heads: 4
+max_seq_len: 64
+"""
+
+
+def tiny_train_args(tmp_path, config="tiny_cpu.yaml", steps=3, *extra):
+    model = tmp_path / "tiny_model.yaml"
+    model.write_text(TINY_MODEL)
+    sets = [f"model={model}", "data.kind=mock", f"checkpoint.dir={tmp_path / 'ck'}", f"train.steps={steps}",
+            "train.warmup_steps=1", "train.seq_length=32", "train.micro_batch_size=1", "train.global_batch_size=4",
+            "train.eval_interval=0", "logging.interval=1", "checkpoint.save_interval=0", *extra]
+    return ["--config", str(REPO / "configs" / config)] + [a for s in sets for a in ("--set", s)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_env(**extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "NODE_RANK", "NNODES", "MASTER_"))}
+    return {**env, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", **extra}
+
+
+def step_lines(text: str) -> dict[int, float]:
+    return {int(m[1]): float(m[2]) for m in re.finditer(r"^step (\d+)/\d+ \| loss ([0-9.]+)", text, re.M)}
+
+
+def test_torchrun_two_nodes_on_one_machine_trains(tmp_path):
+    port = free_port()
+    procs, logs = [], []
+    for node_rank in (0, 1):
+        log = open(tmp_path / f"node{node_rank}.log", "w")
+        env = cpu_env(NNODES="2", NODE_RANK=str(node_rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      GPUS_PER_NODE="1", RDZV_ID=f"test-{port}")
+        procs.append(subprocess.Popen(["bash", str(REPO / "launch/torchrun.sh"), *tiny_train_args(tmp_path)],
+                                      stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO))
+        logs.append(log)
+    try:
+        codes = [p.wait(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for log in logs:
+            log.close()
+    text = "".join((tmp_path / f"node{i}.log").read_text() for i in (0, 1))
+    assert codes == [0, 0], text[-3000:]
+    assert "--nnodes 2 --nproc-per-node 1 --node-rank 1 --rdzv-backend c10d" in text
+    losses = step_lines(text)
+    assert sorted(losses) == [1, 2, 3] and losses[3] < losses[1], text[-3000:]
+    assert (tmp_path / "ck" / "iter_0000003" / "manifest.json").exists()
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_with_a_localhost_hostfile_trains(tmp_path):
+    pytest.importorskip("deepspeed")
+    hosts = tmp_path / "hostfile"
+    hosts.write_text("localhost slots=2\n")
+    env = cpu_env(HOSTFILE=str(hosts), MASTER_PORT=str(free_port()), DS_ACCELERATOR="cpu")
+    r = subprocess.run(["bash", str(REPO / "launch/deepspeed.sh"),
+                        *tiny_train_args(tmp_path, "tiny_cpu_deepspeed.yaml", 3, "train.nan_policy=abort")],
+                       capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+    text = r.stdout + r.stderr
+    assert r.returncode == 0, text[-3000:]
+    assert "dist_world_size=2" in text
+    losses = step_lines(text)
+    assert sorted(losses) == [1, 2, 3] and losses[3] < losses[1], text[-3000:]
+    assert (tmp_path / "ck" / "iter_0000003" / "manifest.json").exists()
