@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import tempfile
 import traceback
 
@@ -45,12 +46,12 @@ def _entry(rank, world_size, port, fn, args, out_dir):
         torch.save({"ok": False, "error": traceback.format_exc()}, os.path.join(out_dir, f"{rank}.pt"))
         raise
     finally:
-        try:
-            from megatron.core import parallel_state
-
-            parallel_state.destroy_model_parallel()
-        except Exception:
-            pass
+        # Only if the body used megatron: importing it just to clean up costs seconds per rank.
+        if "megatron.core.parallel_state" in sys.modules:
+            try:
+                sys.modules["megatron.core.parallel_state"].destroy_model_parallel()
+            except Exception:
+                pass
         dist.destroy_process_group()
 
 
