@@ -50,8 +50,8 @@ def _check(shape, regime, seed, *, cu=None, with_state=True, deterministic=False
     [
         pytest.param((2, 37, 2, 3, 4), "default", None, True, False, id="B2-L37-state"),
         pytest.param((1, 70, 2, 5, 3), "lv_wide", [0, 20, 21, 70], True, False, id="varlen-3docs"),
-        pytest.param((2, 33, 1, 40, 4), "a_tiny", None, False, False, id="2-channel-blocks-atomics"),
-        pytest.param((2, 33, 1, 40, 4), "a_near_one", None, True, True, id="2-channel-blocks-deterministic"),
+        pytest.param((2, 33, 1, 80, 4), "a_tiny", None, False, False, id="2-channel-blocks-atomics"),
+        pytest.param((2, 33, 1, 80, 4), "a_near_one", None, True, True, id="2-channel-blocks-deterministic"),
         pytest.param((1, 65, 3, 2, 2), "lv_large", None, True, False, id="L65-lv1e4"),
         pytest.param((1, 1, 1, 3, 5), "a_one_p_zero", None, True, False, id="L1-S5"),
     ],

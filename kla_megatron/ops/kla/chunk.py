@@ -31,11 +31,13 @@ import triton
 import triton.language as tl
 
 CHUNK = 32
-# Lanes (channels × states) per program and warps per program; tuned on an H200 by
-# bench/tune_scan.py (module attributes so the tuner can sweep them).
+# Lanes (channels × states) per program and warps per program, the best of
+# bench/tune_scan.py on an H200 at B8·L4096·M4096·S16 (2026-11-28: forward 5.5 ms at
+# 256/4 vs 8.5 ms at 128/4; backward 28.0 ms at 256/4 vs 41.6 ms at 128/4). Module
+# attributes so the tuner can sweep them. Unrolling the time loops by 8 was measured
+# slower (backward 76 ms vs 49 ms fwd+bwd) and is not used.
 FWD_LANES, FWD_WARPS = 256, 4
-BWD_LANES, BWD_WARPS = 128, 4
-UNROLL = 8  # time steps per unrolled block (CHUNK is a multiple)
+BWD_LANES, BWD_WARPS = 256, 4
 
 
 @triton.jit
@@ -56,7 +58,7 @@ def _kla_fwd_kernel(
     T, H: tl.constexpr, P: tl.constexpr, S: tl.constexpr,
     BP: tl.constexpr, BS: tl.constexpr, CHUNK: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
-    SAVE_CHECKPOINTS: tl.constexpr, IS_VARLEN: tl.constexpr, UNROLL: tl.constexpr,
+    SAVE_CHECKPOINTS: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     i_nh, i_p = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
@@ -88,32 +90,23 @@ def _kla_fwd_kernel(
             tl.store(ck_sigma + o_ck, b_sigma, mask=m_ps)
             tl.store(ck_mu + o_ck, b_mu, mask=m_ps)
         slot += 1
-        t_end = tl.minimum(t0 + CHUNK, eos)
-        # Unrolled by UNROLL so the loads of several steps are in flight at once.
-        for tb in range(t0, t_end, UNROLL):
-            for u in tl.static_range(UNROLL):
-                t = tb + u
-                m_tp = m_p & ((o_p * 0 + t) < t_end)
-                m_ts = m_s & ((o_s * 0 + t) < t_end)
-                o_tp = (t * H + i_h) * P + o_p
-                o_ts = (t * H + i_h) * S + o_s
-                b_v = tl.load(v + o_tp, mask=m_tp, other=0.0).to(tl.float32)
-                b_lv = tl.load(lambda_v + o_tp, mask=m_tp, other=0.0).to(tl.float32)
-                b_k = tl.load(k + o_ts, mask=m_ts, other=0.0).to(tl.float32)
-                b_q = tl.load(q + o_ts, mask=m_ts, other=0.0).to(tl.float32)
-                b_phi = b_lv[:, None] * (b_k * b_k)[None, :]
-                b_r = (b_v * b_lv)[:, None] * b_k[None, :]
-                b_prior = b_a2 * b_sigma + b_noise
-                b_iota = 1.0 / (1.0 + b_phi * b_prior)
-                # Past the end (t ≥ t_end) the inputs are 0: φ = r = 0 would still decay the
-                # state, so keep it instead.
-                m_t = (o_ps * 0 + t) < t_end
-                b_sigma = tl.where(m_t, b_prior * b_iota, b_sigma)
-                b_mu = tl.where(m_t, (b_a * b_mu + b_r * b_prior) * b_iota, b_mu)
-                b_y = tl.sum(b_q[None, :] * b_mu, axis=1)
-                b_yv = tl.sum((b_q * b_q)[None, :] * b_sigma, axis=1)
-                tl.store(y + o_tp, b_y.to(y.dtype.element_ty), mask=m_tp)
-                tl.store(y_var + o_tp, b_yv.to(y_var.dtype.element_ty), mask=m_tp)
+        for t in range(t0, tl.minimum(t0 + CHUNK, eos)):
+            o_tp = (t * H + i_h) * P + o_p
+            o_ts = (t * H + i_h) * S + o_s
+            b_v = tl.load(v + o_tp, mask=m_p, other=0.0).to(tl.float32)
+            b_lv = tl.load(lambda_v + o_tp, mask=m_p, other=0.0).to(tl.float32)
+            b_k = tl.load(k + o_ts, mask=m_s, other=0.0).to(tl.float32)
+            b_q = tl.load(q + o_ts, mask=m_s, other=0.0).to(tl.float32)
+            b_phi = b_lv[:, None] * (b_k * b_k)[None, :]
+            b_r = (b_v * b_lv)[:, None] * b_k[None, :]
+            b_prior = b_a2 * b_sigma + b_noise
+            b_iota = 1.0 / (1.0 + b_phi * b_prior)
+            b_sigma = b_prior * b_iota
+            b_mu = (b_a * b_mu + b_r * b_prior) * b_iota
+            b_y = tl.sum(b_q[None, :] * b_mu, axis=1)
+            b_yv = tl.sum((b_q * b_q)[None, :] * b_sigma, axis=1)
+            tl.store(y + o_tp, b_y.to(y.dtype.element_ty), mask=m_p)
+            tl.store(y_var + o_tp, b_yv.to(y_var.dtype.element_ty), mask=m_p)
 
     if STORE_FINAL_STATE:
         b_lam = 1.0 / b_sigma
@@ -130,7 +123,7 @@ def _kla_bwd_kernel(
     BP: tl.constexpr, BS: tl.constexpr, CHUNK: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, END_ADJOINT: tl.constexpr,
     IS_VARLEN: tl.constexpr, DETERMINISTIC: tl.constexpr, N_PBLOCKS: tl.constexpr,
-    MAP_ONLY: tl.constexpr, UNROLL: tl.constexpr,
+    MAP_ONLY: tl.constexpr,
 ):
     # END_ADJOINT: 0 = none, 1 = cotangent of the final (lam, eta), 2 = adjoint of the final
     # (mu, sigma) given directly (time-split and context-parallel carries).
@@ -183,87 +176,75 @@ def _kla_bwd_kernel(
         # Replay the chunk, parking each step's prior state in this program's scratch rows
         # (written and read by the same program, so they stay hot in L2).
         n_steps = tl.minimum(CHUNK, eos - t0)
-        n_round = tl.cdiv(n_steps, UNROLL) * UNROLL
-        for ib in range(0, n_round, UNROLL):
-            for u in tl.static_range(UNROLL):
-                i = ib + u
-                t = t0 + i
-                m_tp = m_p & ((o_p * 0 + i) < n_steps)
-                m_ts = m_s & ((o_s * 0 + i) < n_steps)
-                tl.store(p_scr_sigma + i * BP * BS + o_scr, b_sigma)
-                tl.store(p_scr_mu + i * BP * BS + o_scr, b_mu)
-                o_tp = (t * H + i_h) * P + o_p
-                o_ts = (t * H + i_h) * S + o_s
-                b_v = tl.load(v + o_tp, mask=m_tp, other=0.0).to(tl.float32)
-                b_lv = tl.load(lambda_v + o_tp, mask=m_tp, other=0.0).to(tl.float32)
-                b_k = tl.load(k + o_ts, mask=m_ts, other=0.0).to(tl.float32)
-                b_phi = b_lv[:, None] * (b_k * b_k)[None, :]
-                b_r = (b_v * b_lv)[:, None] * b_k[None, :]
-                b_prior = b_a2 * b_sigma + b_noise
-                b_iota = 1.0 / (1.0 + b_phi * b_prior)
-                b_sigma = b_prior * b_iota
-                b_mu = (b_a * b_mu + b_r * b_prior) * b_iota
+        for i in range(0, n_steps):
+            t = t0 + i
+            tl.store(p_scr_sigma + i * BP * BS + o_scr, b_sigma)
+            tl.store(p_scr_mu + i * BP * BS + o_scr, b_mu)
+            o_tp = (t * H + i_h) * P + o_p
+            o_ts = (t * H + i_h) * S + o_s
+            b_v = tl.load(v + o_tp, mask=m_p, other=0.0).to(tl.float32)
+            b_lv = tl.load(lambda_v + o_tp, mask=m_p, other=0.0).to(tl.float32)
+            b_k = tl.load(k + o_ts, mask=m_s, other=0.0).to(tl.float32)
+            b_phi = b_lv[:, None] * (b_k * b_k)[None, :]
+            b_r = (b_v * b_lv)[:, None] * b_k[None, :]
+            b_prior = b_a2 * b_sigma + b_noise
+            b_iota = 1.0 / (1.0 + b_phi * b_prior)
+            b_sigma = b_prior * b_iota
+            b_mu = (b_a * b_mu + b_r * b_prior) * b_iota
         tl.debug_barrier()
-        for ib in range(n_round - UNROLL, -1, -UNROLL):
-            for u in tl.static_range(UNROLL):
-                i = ib + (UNROLL - 1 - u)
-                t = t0 + i
-                m_tp = m_p & ((o_p * 0 + i) < n_steps)
-                m_ts = m_s & ((o_s * 0 + i) < n_steps)
-                m_t = (o_ps * 0 + i) < n_steps
-                o_tp = (t * H + i_h) * P + o_p
-                o_ts = (t * H + i_h) * S + o_s
-                b_v = tl.load(v + o_tp, mask=m_tp, other=0.0).to(tl.float32)
-                b_lv = tl.load(lambda_v + o_tp, mask=m_tp, other=0.0).to(tl.float32)
-                b_k = tl.load(k + o_ts, mask=m_ts, other=0.0).to(tl.float32)
-                b_q = tl.load(q + o_ts, mask=m_ts, other=0.0).to(tl.float32)
-                b_gy = tl.load(d_y + o_tp, mask=m_tp, other=0.0).to(tl.float32)
-                b_gv = tl.load(d_yvar + o_tp, mask=m_tp, other=0.0).to(tl.float32)
-                b_sp = tl.load(p_scr_sigma + i * BP * BS + o_scr, mask=m_t, other=1.0)
-                b_mp = tl.load(p_scr_mu + i * BP * BS + o_scr, mask=m_t, other=0.0)
-                b_vlv = b_v * b_lv
-                b_phi = b_lv[:, None] * (b_k * b_k)[None, :]
-                b_r = b_vlv[:, None] * b_k[None, :]
-                b_prior = b_a2 * b_sp + b_noise
-                b_iota = 1.0 / (1.0 + b_phi * b_prior)
-                b_sigma = b_prior * b_iota
-                b_mu = (b_a * b_mp + b_r * b_prior) * b_iota
+        for i in range(n_steps - 1, -1, -1):
+            t = t0 + i
+            o_tp = (t * H + i_h) * P + o_p
+            o_ts = (t * H + i_h) * S + o_s
+            b_v = tl.load(v + o_tp, mask=m_p, other=0.0).to(tl.float32)
+            b_lv = tl.load(lambda_v + o_tp, mask=m_p, other=0.0).to(tl.float32)
+            b_k = tl.load(k + o_ts, mask=m_s, other=0.0).to(tl.float32)
+            b_q = tl.load(q + o_ts, mask=m_s, other=0.0).to(tl.float32)
+            b_gy = tl.load(d_y + o_tp, mask=m_p, other=0.0).to(tl.float32)
+            b_gv = tl.load(d_yvar + o_tp, mask=m_p, other=0.0).to(tl.float32)
+            b_sp = tl.load(p_scr_sigma + i * BP * BS + o_scr)
+            b_mp = tl.load(p_scr_mu + i * BP * BS + o_scr)
+            b_vlv = b_v * b_lv
+            b_phi = b_lv[:, None] * (b_k * b_k)[None, :]
+            b_r = b_vlv[:, None] * b_k[None, :]
+            b_prior = b_a2 * b_sp + b_noise
+            b_iota = 1.0 / (1.0 + b_phi * b_prior)
+            b_sigma = b_prior * b_iota
+            b_mu = (b_a * b_mp + b_r * b_prior) * b_iota
 
-                b_M = b_gy[:, None] * b_q[None, :] + b_cM
-                b_S = b_gv[:, None] * (b_q * b_q)[None, :] + b_cS
-                # P̄ = ι(ι·S̄ + (r − φ·μ_t)·M̄), with r − φ·μ_t = ι·(r − φ·a·μ_{t−1}): the second
-                # form avoids cancelling r against φ·μ_t ≈ r when observations are sharp.
-                b_innov = b_r - b_phi * b_a * b_mp
-                b_P = b_iota * b_iota * (b_S + b_innov * b_M)
-                b_cM = tl.where(m_t, b_a * b_iota * b_M, b_cM)
-                b_cS = tl.where(m_t, b_a2 * b_P, b_cS)
-                if MAP_ONLY:
-                    b_gmm = b_a * b_iota
-                    b_gss = b_a2 * b_iota * b_iota
-                    b_Rms = tl.where(m_t, b_gss * b_innov * b_Rmm + b_gss * b_Rms, b_Rms)
-                    b_Rmm = tl.where(m_t, b_gmm * b_Rmm, b_Rmm)
-                    b_Rss = tl.where(m_t, b_gss * b_Rss, b_Rss)
+            b_M = b_gy[:, None] * b_q[None, :] + b_cM
+            b_S = b_gv[:, None] * (b_q * b_q)[None, :] + b_cS
+            # P̄ = ι(ι·S̄ + (r − φ·μ_t)·M̄), with r − φ·μ_t = ι·(r − φ·a·μ_{t−1}): the second
+            # form avoids cancelling r against φ·μ_t ≈ r when observations are sharp.
+            b_innov = b_r - b_phi * b_a * b_mp
+            b_P = b_iota * b_iota * (b_S + b_innov * b_M)
+            b_cM = b_a * b_iota * b_M
+            b_cS = b_a2 * b_P
+            if MAP_ONLY:
+                b_gmm = b_a * b_iota
+                b_gss = b_a2 * b_iota * b_iota
+                b_Rms = b_gss * b_innov * b_Rmm + b_gss * b_Rms
+                b_Rmm = b_gmm * b_Rmm
+                b_Rss = b_gss * b_Rss
+            else:
+                b_dphi = -b_sigma * (b_sigma * b_S + b_mu * b_M)
+                b_dr = b_sigma * b_M
+                b_da += 2.0 * b_a * b_sp * b_P + b_iota * b_mp * b_M
+                b_dp += b_P
+                b_dvlv = tl.sum(b_dr * b_k[None, :], axis=1)
+                b_dlv = tl.sum(b_dphi * (b_k * b_k)[None, :], axis=1) + b_v * b_dvlv
+                tl.store(d_v + o_tp, (b_lv * b_dvlv).to(d_v.dtype.element_ty), mask=m_p)
+                tl.store(d_lv + o_tp, b_dlv.to(d_lv.dtype.element_ty), mask=m_p)
+                b_dk = tl.sum(2.0 * b_lv[:, None] * b_k[None, :] * b_dphi + b_vlv[:, None] * b_dr, axis=0)
+                b_dq = tl.sum(b_gy[:, None] * b_mu + 2.0 * b_gv[:, None] * b_q[None, :] * b_sigma, axis=0)
+                if DETERMINISTIC or N_PBLOCKS == 1:
+                    # One partial row per channel block: [N_PBLOCKS, tokens, H, S], summed outside.
+                    o_part = i_p.to(tl.int64) * n_tokens * H * S + o_ts
+                    tl.store(d_k + o_part, b_dk, mask=m_s)
+                    tl.store(d_q + o_part, b_dq, mask=m_s)
                 else:
-                    b_dphi = -b_sigma * (b_sigma * b_S + b_mu * b_M)
-                    b_dr = b_sigma * b_M
-                    b_da += tl.where(m_t, 2.0 * b_a * b_sp * b_P + b_iota * b_mp * b_M, 0.0)
-                    b_dp += tl.where(m_t, b_P, 0.0)
-                    b_dvlv = tl.sum(b_dr * b_k[None, :], axis=1)
-                    b_dlv = tl.sum(b_dphi * (b_k * b_k)[None, :], axis=1) + b_v * b_dvlv
-                    tl.store(d_v + o_tp, (b_lv * b_dvlv).to(d_v.dtype.element_ty), mask=m_tp)
-                    tl.store(d_lv + o_tp, b_dlv.to(d_lv.dtype.element_ty), mask=m_tp)
-                    b_dk = tl.sum(2.0 * b_lv[:, None] * b_k[None, :] * b_dphi + b_vlv[:, None] * b_dr, axis=0)
-                    b_dq = tl.sum(b_gy[:, None] * b_mu + 2.0 * b_gv[:, None] * b_q[None, :] * b_sigma, axis=0)
-                    if DETERMINISTIC or N_PBLOCKS == 1:
-                        # One partial row per channel block: [N_PBLOCKS, tokens, H, S], summed outside.
-                        o_part = i_p.to(tl.int64) * n_tokens * H * S + o_ts
-                        tl.store(d_k + o_part, b_dk, mask=m_ts)
-                        tl.store(d_q + o_part, b_dq, mask=m_ts)
-                    else:
-                        tl.atomic_add(d_k + o_ts, b_dk, mask=m_ts, sem="relaxed")
-                        tl.atomic_add(d_q + o_ts, b_dq, mask=m_ts, sem="relaxed")
-
-        tl.debug_barrier()  # the next chunk's replay reuses the scratch rows
+                    tl.atomic_add(d_k + o_ts, b_dk, mask=m_s, sem="relaxed")
+                    tl.atomic_add(d_q + o_ts, b_dq, mask=m_s, sem="relaxed")
 
     if MAP_ONLY:
         n_state = tl.num_programs(0).to(tl.int64) // H * H * P * S
@@ -320,7 +301,7 @@ def kla_fwd(v, lambda_v, k, q, a, p, lam0, eta0, cu_seqlens, output_final_state,
         y, y_var, lam_t, eta_t, ck_sigma, ck_mu, cu,
         T, H=H, P=P, S=S, BP=BP, BS=BS, CHUNK=CHUNK,
         USE_INITIAL_STATE=lam0 is not None, STORE_FINAL_STATE=output_final_state,
-        SAVE_CHECKPOINTS=save_checkpoints, IS_VARLEN=is_varlen, UNROLL=UNROLL, num_warps=FWD_WARPS,
+        SAVE_CHECKPOINTS=save_checkpoints, IS_VARLEN=is_varlen, num_warps=FWD_WARPS,
     )
     final = (lam_t, eta_t) if output_final_state else None
     return y, y_var, final, (ck_sigma, ck_mu)
@@ -373,7 +354,7 @@ def kla_bwd(v, lambda_v, k, q, a, p, lam0, eta0, final, checkpoints, cu_seqlens,
         d_v, d_lv, d_k, d_q, d_a, d_p, d_lam0, d_eta0, map_q, map_o,
         T, B * L, H=H, P=P, S=S, BP=BP, BS=BS, CHUNK=CHUNK,
         USE_INITIAL_STATE=lam0 is not None, END_ADJOINT=mode,
-        IS_VARLEN=is_varlen, DETERMINISTIC=deterministic, N_PBLOCKS=n_pblocks, MAP_ONLY=map_only, UNROLL=UNROLL,
+        IS_VARLEN=is_varlen, DETERMINISTIC=deterministic, N_PBLOCKS=n_pblocks, MAP_ONLY=map_only,
         num_warps=BWD_WARPS,
     )
     if map_only:
