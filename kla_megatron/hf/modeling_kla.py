@@ -179,18 +179,28 @@ class KLACache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen
 
-    def __len__(self):
-        return len(self.layers)
-
 
 @dataclass
-class KLACausalLMOutput(ModelOutput):
+class _KLAOutputV5(ModelOutput):
     loss: Optional[torch.FloatTensor] = None
     logits: Optional[torch.FloatTensor] = None
     cache: Optional[KLACache] = None
+    hidden_states: Optional[Tuple[torch.FloatTensor, ...]] = None
+    variances: Optional[Tuple[torch.FloatTensor, ...]] = None
+
+
+@dataclass
+class _KLAOutputV4(ModelOutput):
+    loss: Optional[torch.FloatTensor] = None
+    logits: Optional[torch.FloatTensor] = None
     past_key_values: Optional[KLACache] = None
     hidden_states: Optional[Tuple[torch.FloatTensor, ...]] = None
     variances: Optional[Tuple[torch.FloatTensor, ...]] = None
+
+
+# transformers >= 5 calls the cache `cache` (and renames a `past_key_values` field into it), 4.x
+# calls it `past_key_values`: declare only the one this transformers knows.
+KLACausalLMOutput = _KLAOutputV5 if _CACHE_FIELD == "cache" else _KLAOutputV4
 
 
 # ---------------------------------------------------------------------- modules
@@ -481,7 +491,6 @@ class KLAForCausalLM(KLAPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                                    ignore_index=-100)
-        # transformers >= 5 names the cache `cache`, 4.x `past_key_values` (5.x refuses both at once).
         cache_field = {"cache": cache} if _CACHE_FIELD == "cache" else {"past_key_values": cache}
         return KLACausalLMOutput(loss=loss, logits=logits, hidden_states=all_hidden,
                                  variances=variances if output_variance else None, **cache_field)
