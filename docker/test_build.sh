@@ -7,7 +7,8 @@
 #
 # Environment:
 #   KLA_DOCKER_DIR   dockerd state, rootfs and logs (default ${TMPDIR:-/tmp}/kla-docker)
-#   KLA_PYPI_DIR     a PEP 503 folder with torch and the package's dependencies (default /opt/pypi/simple)
+#   KLA_PIP_ROOT     folder served as the local package source (default /opt), holding
+#                    pypi/simple and pypi-more/simple (PEP 503 indexes) and wheels/ (find-links, CPU torch)
 #   KLA_PYPI_PORT    port for the local index (default 18080)
 #   DEBIAN_MIRROR    debootstrap mirror (default http://deb.debian.org/debian)
 #   KEEP_DOCKERD=1   leave the daemon this script started running
@@ -16,7 +17,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 D=${KLA_DOCKER_DIR:-${TMPDIR:-/tmp}/kla-docker}
-PYPI=${KLA_PYPI_DIR:-/opt/pypi/simple}
+PIP_ROOT=${KLA_PIP_ROOT:-/opt}
 PORT=${KLA_PYPI_PORT:-18080}
 mkdir -p "$D"
 log() { echo "[test_build $(date +%T)] $*" >&2; }
@@ -60,13 +61,14 @@ if ! docker image inspect kla-test-debian:bookworm >/dev/null 2>&1; then
 fi
 
 # A local package index, reachable from `docker build --network host` (file:// paths are not).
-python3 -m http.server "$PORT" --bind 127.0.0.1 --directory "$PYPI" >"$D/index.log" 2>&1 &
+python3 -m http.server "$PORT" --bind 127.0.0.1 --directory "$PIP_ROOT" >"$D/index.log" 2>&1 &
 INDEX_PID=$!
 sleep 1
 log "building the test base (venv + CPU torch from the local index)"
 docker build --network host -t kla-test-base:cpu -f - . <<DOCKERFILE
 FROM kla-test-debian:bookworm
-ENV PIP_INDEX_URL=http://127.0.0.1:$PORT/ PIP_NO_CACHE_DIR=1 PATH=/opt/venv/bin:\$PATH
+ENV PIP_INDEX_URL=http://127.0.0.1:$PORT/pypi/simple/ PIP_EXTRA_INDEX_URL=http://127.0.0.1:$PORT/pypi-more/simple/ \\
+    PIP_FIND_LINKS=http://127.0.0.1:$PORT/wheels/ PIP_NO_CACHE_DIR=1 PATH=/opt/venv/bin:\$PATH
 RUN python3 -m venv /opt/venv && pip install torch==2.13.0 numpy
 DOCKERFILE
 

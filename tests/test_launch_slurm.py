@@ -1,0 +1,111 @@
+"""The sbatch templates on a real (local) Slurm cluster: 2 emulated nodes started by
+launch/slurm/local_cluster.sh (Debian slurm-wlm + munge, installed with apt-get if missing).
+
+- multi_node.sbatch trains the tiny model for a few steps over 2 nodes and exits 0;
+- preemption: SIGUSR1 to the batch shell (what `--signal=B:USR1@s` does before the time limit)
+  -> the trainer checkpoints and exits -> job.sh requeues -> the job resumes from the checkpoint.
+Skipped, with the reason, when the cluster cannot be set up (not root, no apt, no packages)."""
+import os
+import re
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.test_launch_run import REPO, step_lines, tiny_train_args
+
+SLURM_PORT = "18817"
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    if os.geteuid() != 0:
+        pytest.skip("the local Slurm cluster needs root (munge user, /etc/hosts entries, apt-get)")
+    # not under pytest's 0700 tmp folder: munged runs as user munge and must reach its files
+    base = tempfile.mkdtemp(prefix="kla-slurm-test-", dir="/tmp")
+    os.chmod(base, 0o755)
+    env = {**os.environ, "KLA_SLURM_DIR": base, "KLA_SLURM_NODES": "2", "KLA_SLURM_PORT": SLURM_PORT}
+    script = str(REPO / "launch/slurm/local_cluster.sh")
+    r = subprocess.run(["bash", script, "up"], capture_output=True, text=True, env=env, timeout=600)
+    if r.returncode != 0:
+        subprocess.run(["bash", script, "down"], capture_output=True, env=env, timeout=120)
+        pytest.skip(f"could not start a local Slurm cluster (slurm-wlm/munge via apt-get): {r.stderr.strip()[-500:]}")
+    env["SLURM_CONF"] = re.search(r"export SLURM_CONF=(\S+)", r.stdout)[1]
+    try:
+        yield env
+    finally:
+        subprocess.run(["bash", script, "down"], capture_output=True, env=env, timeout=120)
+
+
+def job_info(env, jid) -> dict:
+    out = subprocess.run(["scontrol", "show", "job", "-o", jid], capture_output=True, text=True, env=env).stdout
+    return dict(re.findall(r"(JobState|Restarts|ExitCode)=(\S+)", out))
+
+
+def wait_for(env, jid, done, timeout=600):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        info = job_info(env, jid)
+        if done(info):
+            return info
+        time.sleep(0.5)
+    raise AssertionError(f"job {jid} still {job_info(env, jid)} after {timeout}s")
+
+
+def submit(env, tmp_path, steps, *extra):
+    logs = tmp_path / "logs"
+    logs.mkdir(exist_ok=True)
+    export = f"ALL,GPUS_PER_NODE=1,KLA_CLUSTER_ENV=launch/slurm/env/cpu_local.env,KLA_LOG_DIR={logs}"
+    cmd = ["sbatch", "--parsable", "--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=00:15:00",
+           f"--output={logs}/%x-%j.out", f"--export={export}", "launch/slurm/multi_node.sbatch",
+           *tiny_train_args(tmp_path, "tiny_cpu.yaml", steps, *extra)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip().split(";")[0], logs
+
+
+def node_logs(logs, jid, attempt) -> str:
+    return "".join(p.read_text() for p in sorted((logs / "kla-pretrain" / jid / f"attempt-{attempt}").glob("node-*.log")))
+
+
+def test_sbatch_multi_node_template_trains_and_exits_0(slurm, tmp_path):
+    jid, logs = submit(slurm, tmp_path, 3)
+    info = wait_for(slurm, jid, lambda i: i.get("JobState") not in (None, "PENDING", "RUNNING", "CONFIGURING",
+                                                                   "COMPLETING"))
+    batch = (logs / f"kla-pretrain-{jid}.out").read_text()
+    text = node_logs(logs, jid, 0)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", batch + text[-3000:]
+    assert "2 node(s) klanode1 klanode2, 1 process(es) each, rendezvous klanode1:" in batch
+    assert sorted(step_lines(text)) == [1, 2, 3], text[-3000:]
+    assert (tmp_path / "ck" / "iter_0000003" / "manifest.json").exists()
+
+
+@pytest.mark.slow
+def test_preemption_signal_checkpoints_requeues_and_resumes(slurm, tmp_path):
+    steps = 60
+    jid, logs = submit(slurm, tmp_path, steps)
+    t0 = time.time()
+    while not re.search(r"^step 2/", node_logs(logs, jid, 0), re.M):
+        assert job_info(slurm, jid).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), node_logs(logs, jid, 0)
+        assert time.time() - t0 < 600, "training did not start"
+        time.sleep(0.5)
+    # what --signal=B:USR1@<s> does near the time limit: SIGUSR1 to the batch shell only
+    subprocess.run(["scancel", "--batch", "--signal=USR1", jid], check=True, env=slurm)
+    wait_for(slurm, jid, lambda i: i.get("Restarts") == "1" and i.get("JobState") == "PENDING")
+    # Slurm holds a requeued job for ~2 minutes (its begin time); release it now.
+    subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], check=True, env=slurm)
+    info = wait_for(slurm, jid, lambda i: i.get("JobState") not in ("PENDING", "RUNNING", "CONFIGURING",
+                                                                   "COMPLETING", "REQUEUED"))
+    batch = (logs / f"kla-pretrain-{jid}.out").read_text()
+    first, second = node_logs(logs, jid, 0), node_logs(logs, jid, 1)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", batch
+    assert "received SIGUSR1" in batch and f"requeueing job {jid}" in batch, batch
+    stop = int(re.search(r"checkpointing at step (\d+) and exiting", first)[1])
+    assert 2 <= stop < steps
+    assert f"saved checkpoint {tmp_path / 'ck'}/iter_{stop:07d}" in first
+    assert f"resumed from {tmp_path / 'ck'}/iter_{stop:07d} at step {stop}" in second, second[-3000:]
+    assert min(step_lines(second)) == stop + 1 and max(step_lines(second)) == steps
+    assert max(step_lines(first)) == stop
+    assert (tmp_path / "ck" / f"iter_{steps:07d}" / "manifest.json").exists()
