@@ -8,7 +8,8 @@
 # Environment:
 #   KLA_DOCKER_DIR   dockerd state, rootfs and logs (default ${TMPDIR:-/tmp}/kla-docker)
 #   KLA_PIP_ROOT     folder served as the local package source (default /opt), holding
-#                    pypi/simple and pypi-more/simple (PEP 503 indexes) and wheels/ (find-links, CPU torch)
+#                    pypi/simple and pypi-more/simple (PEP 503 indexes) and wheels/ (find-links, CPU torch);
+#                    anything missing there comes from pip's default index (PyPI), as on the host
 #   KLA_PYPI_PORT    port for the local index (default 18080)
 #   DEBIAN_MIRROR    debootstrap mirror (default http://deb.debian.org/debian)
 #   KEEP_DOCKERD=1   leave the daemon this script started running
@@ -67,7 +68,7 @@ sleep 1
 log "building the test base (venv + CPU torch from the local index)"
 docker build --network host -t kla-test-base:cpu -f - . <<DOCKERFILE
 FROM kla-test-debian:bookworm
-ENV PIP_INDEX_URL=http://127.0.0.1:$PORT/pypi/simple/ PIP_EXTRA_INDEX_URL=http://127.0.0.1:$PORT/pypi-more/simple/ \\
+ENV PIP_EXTRA_INDEX_URL="http://127.0.0.1:$PORT/pypi/simple/ http://127.0.0.1:$PORT/pypi-more/simple/" \\
     PIP_FIND_LINKS=http://127.0.0.1:$PORT/wheels/ PIP_NO_CACHE_DIR=1 PATH=/opt/venv/bin:\$PATH
 RUN python3 -m venv /opt/venv && pip install torch==2.13.0 numpy
 DOCKERFILE
