@@ -12,6 +12,7 @@ Errors (all ``ValueError``, documented here because users and tests match on the
 - ``bad --set override '<text>': expected KEY=VALUE``
 - ``parallel layout: world size W is not divisible by tensor*pipeline*context = N`` and
   ``parallel layout: <...> must be >= 1``
+- ``parallel layout: train.seq_length S is not divisible by 2*context = N`` (context parallelism)
 - ``batch sizes: global_batch_size G is not divisible by micro_batch_size M * data-parallel size D``
 - ``data: path '<prefix>' has no <prefix>.bin/.idx (build it with data_tools ...)``
 - ``train.<field> must be one of [...], got '<value>'`` for enumerations
@@ -290,6 +291,11 @@ class RunConfig:
             if self.train.nan_policy == "skip":
                 raise ValueError("engine 'deepspeed' does not support train.nan_policy 'skip' (DeepSpeed applies "
                                  "the update inside engine.step()); set train.nan_policy: abort")
+        cp = self.parallel.context
+        if cp > 1 and self.train.seq_length % (2 * cp):
+            raise ValueError(f"parallel layout: train.seq_length {self.train.seq_length} is not divisible by "
+                             f"2*context = {2 * cp} (context parallelism cuts every sequence into 2*CP equal "
+                             f"chunks, megatron's load-balanced order); change train.seq_length or parallel.context")
 
     def validate_world(self, world_size: int) -> int:
         """Check the layout and batch sizes against the world size; returns the data-parallel size."""

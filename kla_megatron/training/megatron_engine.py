@@ -3,15 +3,19 @@
 One optimizer step is ``train_step(micro_batches, step)``: zero the grad buffers, set the lr,
 run megatron's forward-backward schedule over the micro-batches (1F1B, interleaved or none,
 chosen by ``get_forward_backward_func`` from the layout), check that every gradient is finite,
-then step the optimizer (which clips the global grad norm).
+then step the optimizer (which clips the global grad norm). Under context parallelism every
+rank of a CP group gets the same micro-batches and gives the model its shard of each sequence.
 """
 from __future__ import annotations
 
+import functools
 import types
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from kla_megatron.parallel import MODEL_CP_LAYOUT, get_cp_shard
 
 from . import data as data_mod
 from .config import RunConfig
@@ -73,6 +77,10 @@ class MegatronEngine:
         self.dp_group = ps.get_data_parallel_group(with_context_parallel=True)
         self.pp_group = ps.get_pipeline_model_parallel_group()
         self.is_last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
+        # Context parallelism: each rank of the CP group feeds the model its shard of every
+        # sequence (megatron's load-balanced order, the one the KLA and attention layers expect).
+        self.cp_group = ps.get_context_parallel_group()
+        self.cp_rank, self.cp_size = ps.get_context_parallel_rank(), ps.get_context_parallel_world_size()
 
     # ------------------------------------------------------------------ steps
 
@@ -84,22 +92,38 @@ class MegatronEngine:
         kwargs = {}
         if self.packed:
             # Packed sequences are one row (b=1) with cu_seqlens; every row end is a document
-            # end too, so flattening the micro-batch changes nothing but the layout.
+            # end too, so flattening the micro-batch changes nothing but the layout. Built from
+            # the full row before CP sharding: under CP the offsets are global on every rank.
             kwargs["packed_seq_params"] = data_mod.packed_seq_params(tokens, self.eod_id)
             tokens, labels, loss_mask = tokens.reshape(1, -1), labels.reshape(1, -1), loss_mask.reshape(1, -1)
         b, s = tokens.shape
         position_ids = torch.arange(s, device=dev).unsqueeze(0).expand(b, s)
-        output = model(tokens, position_ids, None, labels=labels, **kwargs)
+        local = get_cp_shard(dict(tokens=tokens, labels=labels, loss_mask=loss_mask, position_ids=position_ids),
+                             self.cp_rank, self.cp_size, MODEL_CP_LAYOUT)
+        loss_mask = local["loss_mask"]
+        output = model(local["tokens"], local["position_ids"], None, labels=local["labels"], **kwargs)
+        return output, functools.partial(self._loss_func, loss_mask)
 
-        def loss_func(output_tensor):
-            losses = output_tensor.float().reshape(-1)
-            mask = loss_mask.reshape(-1)
-            loss_sum = (losses * mask).sum()
-            n_tokens = mask.sum().to(torch.int)
-            # The schedule divides the first value by n_tokens and by the micro-batch count.
-            return loss_sum, n_tokens, {"lm loss": torch.stack([loss_sum.detach(), mask.sum()])}
+    def _loss_func(self, loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+        """(loss to backprop, token count it is divided by, reported [loss_sum, n_tokens]).
 
-        return output, loss_func
+        The schedule divides the first value by the count and by the micro-batch count; DDP then
+        sums gradients over the data+context-parallel group and divides by its size. Under CP
+        each rank holds a part of the micro-batch's tokens, so the count is the micro-batch's
+        total (summed over the CP group) and the loss is scaled by CP to undo DDP's 1/CP: the
+        reduced gradient is then that of the micro-batch's token-mean loss, whatever the split
+        of masked tokens between ranks. The report stays local; ``_global_loss`` sums it.
+        """
+        losses = output_tensor.float().reshape(-1)
+        mask = loss_mask.reshape(-1)
+        loss_sum = (losses * mask).sum()
+        n_local = mask.sum()
+        report = {"lm loss": torch.stack([loss_sum.detach(), n_local])}
+        if self.cp_size == 1:
+            return loss_sum, n_local.to(torch.int), report
+        n_tokens = n_local.detach().clone()
+        dist.all_reduce(n_tokens, group=self.cp_group)
+        return loss_sum * self.cp_size, n_tokens.to(torch.int), report
 
     def _run_schedule(self, micro_batches: list[dict], forward_only: bool) -> torch.Tensor:
         """Forward(-backward) over the micro-batches; returns [loss_sum, n_tokens] summed over
@@ -113,6 +137,7 @@ class MegatronEngine:
             forward_step_func=self._forward_step,
             data_iterator=iterators if n_chunks > 1 else iterators[0],
             model=self.chunks, num_microbatches=len(micro_batches),
+            # The global length: megatron divides it by CP for the pipeline's p2p shapes.
             seq_length=t.seq_length * (t.micro_batch_size if self.packed else 1),
             micro_batch_size=1 if self.packed else t.micro_batch_size, forward_only=forward_only)
         total = torch.zeros(2, dtype=torch.float64, device=device())
