@@ -52,6 +52,42 @@ def _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _lanes(i_p, P: tl.constexpr, S: tl.constexpr, BP: tl.constexpr, BS: tl.constexpr):
+    """Offsets and masks of one program's [BP channels, BS states] block of lanes."""
+    o_p = i_p * BP + tl.arange(0, BP)
+    o_s = tl.arange(0, BS)
+    m_p, m_s = o_p < P, o_s < S
+    return o_p, o_s, m_p, m_s, m_p[:, None] & m_s[None, :], o_p[:, None] * S + o_s[None, :]
+
+
+@triton.jit
+def _dynamics(a, p, i_h, o_ps, m_ps, P: tl.constexpr, S: tl.constexpr):
+    """(a, a², p) of the lane block; padding lanes get a = 1, p = 0 (no NaN anywhere)."""
+    b_a = tl.load(a + i_h * P * S + o_ps, mask=m_ps, other=1.0).to(tl.float32)
+    b_noise = tl.load(p + i_h * P * S + o_ps, mask=m_ps, other=0.0).to(tl.float32)
+    return b_a, b_a * b_a, b_noise
+
+
+@triton.jit
+def _observe(v, lambda_v, k, t, i_h, o_p, o_s, m_p, m_s, H: tl.constexpr, P: tl.constexpr, S: tl.constexpr):
+    """Token t's inputs for the lane block: v, Λv [BP], k [BS], and φ = Λv·k², r = v·Λv·k."""
+    b_v = tl.load(v + (t * H + i_h) * P + o_p, mask=m_p, other=0.0).to(tl.float32)
+    b_lv = tl.load(lambda_v + (t * H + i_h) * P + o_p, mask=m_p, other=0.0).to(tl.float32)
+    b_k = tl.load(k + (t * H + i_h) * S + o_s, mask=m_s, other=0.0).to(tl.float32)
+    b_phi = b_lv[:, None] * (b_k * b_k)[None, :]
+    b_r = (b_v * b_lv)[:, None] * b_k[None, :]
+    return b_v, b_lv, b_k, b_phi, b_r
+
+
+@triton.jit
+def _step(b_sigma, b_mu, b_phi, b_r, b_a, b_a2, b_noise):
+    """One covariance-form step (kla_math.md §4): returns posterior (σ, μ) and the gain ι."""
+    b_prior = b_a2 * b_sigma + b_noise
+    b_iota = 1.0 / (1.0 + b_phi * b_prior)
+    return b_prior * b_iota, (b_a * b_mu + b_r * b_prior) * b_iota, b_iota
+
+
+@triton.jit
 def _kla_fwd_kernel(
     v, lambda_v, k, q, a, p, lam0, eta0,
     y, y_var, lam_t, eta_t, ck_sigma, ck_mu, cu_seqlens,
@@ -64,15 +100,9 @@ def _kla_fwd_kernel(
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos = _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
 
-    o_p = i_p * BP + tl.arange(0, BP)
-    o_s = tl.arange(0, BS)
-    m_p, m_s = o_p < P, o_s < S
-    m_ps = m_p[:, None] & m_s[None, :]
-    o_ps = o_p[:, None] * S + o_s[None, :]
+    o_p, o_s, m_p, m_s, m_ps, o_ps = _lanes(i_p, P, S, BP, BS)
 
-    b_a = tl.load(a + i_h * P * S + o_ps, mask=m_ps, other=1.0).to(tl.float32)
-    b_noise = tl.load(p + i_h * P * S + o_ps, mask=m_ps, other=0.0).to(tl.float32)
-    b_a2 = b_a * b_a
+    b_a, b_a2, b_noise = _dynamics(a, p, i_h, o_ps, m_ps, P, S)
     o_state = (i_n * H + i_h) * P * S + o_ps
     if USE_INITIAL_STATE:
         b_lam = tl.load(lam0 + o_state, mask=m_ps, other=1.0).to(tl.float32)
@@ -92,17 +122,9 @@ def _kla_fwd_kernel(
         slot += 1
         for t in range(t0, tl.minimum(t0 + CHUNK, eos)):
             o_tp = (t * H + i_h) * P + o_p
-            o_ts = (t * H + i_h) * S + o_s
-            b_v = tl.load(v + o_tp, mask=m_p, other=0.0).to(tl.float32)
-            b_lv = tl.load(lambda_v + o_tp, mask=m_p, other=0.0).to(tl.float32)
-            b_k = tl.load(k + o_ts, mask=m_s, other=0.0).to(tl.float32)
-            b_q = tl.load(q + o_ts, mask=m_s, other=0.0).to(tl.float32)
-            b_phi = b_lv[:, None] * (b_k * b_k)[None, :]
-            b_r = (b_v * b_lv)[:, None] * b_k[None, :]
-            b_prior = b_a2 * b_sigma + b_noise
-            b_iota = 1.0 / (1.0 + b_phi * b_prior)
-            b_sigma = b_prior * b_iota
-            b_mu = (b_a * b_mu + b_r * b_prior) * b_iota
+            b_v, b_lv, b_k, b_phi, b_r = _observe(v, lambda_v, k, t, i_h, o_p, o_s, m_p, m_s, H, P, S)
+            b_q = tl.load(q + (t * H + i_h) * S + o_s, mask=m_s, other=0.0).to(tl.float32)
+            b_sigma, b_mu, b_iota = _step(b_sigma, b_mu, b_phi, b_r, b_a, b_a2, b_noise)
             b_y = tl.sum(b_q[None, :] * b_mu, axis=1)
             b_yv = tl.sum((b_q * b_q)[None, :] * b_sigma, axis=1)
             tl.store(y + o_tp, b_y.to(y.dtype.element_ty), mask=m_p)
@@ -132,14 +154,8 @@ def _kla_bwd_kernel(
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos = _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
 
-    o_p = i_p * BP + tl.arange(0, BP)
-    o_s = tl.arange(0, BS)
-    m_p, m_s = o_p < P, o_s < S
-    m_ps = m_p[:, None] & m_s[None, :]
-    o_ps = o_p[:, None] * S + o_s[None, :]
-    b_a = tl.load(a + i_h * P * S + o_ps, mask=m_ps, other=1.0).to(tl.float32)
-    b_noise = tl.load(p + i_h * P * S + o_ps, mask=m_ps, other=0.0).to(tl.float32)
-    b_a2 = b_a * b_a
+    o_p, o_s, m_p, m_s, m_ps, o_ps = _lanes(i_p, P, S, BP, BS)
+    b_a, b_a2, b_noise = _dynamics(a, p, i_h, o_ps, m_ps, P, S)
     o_state = (i_n * H + i_h) * P * S + o_ps
 
     # Carries: cM = a·ι_{t+1}·M̄_{t+1}, cS = a²·P̄_{t+1}; seeded by the final-state cotangent.
@@ -180,37 +196,21 @@ def _kla_bwd_kernel(
             t = t0 + i
             tl.store(p_scr_sigma + i * BP * BS + o_scr, b_sigma)
             tl.store(p_scr_mu + i * BP * BS + o_scr, b_mu)
-            o_tp = (t * H + i_h) * P + o_p
-            o_ts = (t * H + i_h) * S + o_s
-            b_v = tl.load(v + o_tp, mask=m_p, other=0.0).to(tl.float32)
-            b_lv = tl.load(lambda_v + o_tp, mask=m_p, other=0.0).to(tl.float32)
-            b_k = tl.load(k + o_ts, mask=m_s, other=0.0).to(tl.float32)
-            b_phi = b_lv[:, None] * (b_k * b_k)[None, :]
-            b_r = (b_v * b_lv)[:, None] * b_k[None, :]
-            b_prior = b_a2 * b_sigma + b_noise
-            b_iota = 1.0 / (1.0 + b_phi * b_prior)
-            b_sigma = b_prior * b_iota
-            b_mu = (b_a * b_mu + b_r * b_prior) * b_iota
+            _, _, _, b_phi, b_r = _observe(v, lambda_v, k, t, i_h, o_p, o_s, m_p, m_s, H, P, S)
+            b_sigma, b_mu, _ = _step(b_sigma, b_mu, b_phi, b_r, b_a, b_a2, b_noise)
         tl.debug_barrier()
         for i in range(n_steps - 1, -1, -1):
             t = t0 + i
             o_tp = (t * H + i_h) * P + o_p
             o_ts = (t * H + i_h) * S + o_s
-            b_v = tl.load(v + o_tp, mask=m_p, other=0.0).to(tl.float32)
-            b_lv = tl.load(lambda_v + o_tp, mask=m_p, other=0.0).to(tl.float32)
-            b_k = tl.load(k + o_ts, mask=m_s, other=0.0).to(tl.float32)
+            b_v, b_lv, b_k, b_phi, b_r = _observe(v, lambda_v, k, t, i_h, o_p, o_s, m_p, m_s, H, P, S)
             b_q = tl.load(q + o_ts, mask=m_s, other=0.0).to(tl.float32)
             b_gy = tl.load(d_y + o_tp, mask=m_p, other=0.0).to(tl.float32)
             b_gv = tl.load(d_yvar + o_tp, mask=m_p, other=0.0).to(tl.float32)
             b_sp = tl.load(p_scr_sigma + i * BP * BS + o_scr)
             b_mp = tl.load(p_scr_mu + i * BP * BS + o_scr)
             b_vlv = b_v * b_lv
-            b_phi = b_lv[:, None] * (b_k * b_k)[None, :]
-            b_r = b_vlv[:, None] * b_k[None, :]
-            b_prior = b_a2 * b_sp + b_noise
-            b_iota = 1.0 / (1.0 + b_phi * b_prior)
-            b_sigma = b_prior * b_iota
-            b_mu = (b_a * b_mp + b_r * b_prior) * b_iota
+            b_sigma, b_mu, b_iota = _step(b_sp, b_mp, b_phi, b_r, b_a, b_a2, b_noise)
 
             b_M = b_gy[:, None] * b_q[None, :] + b_cM
             b_S = b_gv[:, None] * (b_q * b_q)[None, :] + b_cS

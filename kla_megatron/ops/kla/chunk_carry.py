@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk import _blocks, _prepare, _seq_bounds, kla_bwd, kla_fwd
+from .chunk import _blocks, _dynamics, _lanes, _prepare, _seq_bounds, kla_bwd, kla_fwd
 
 RESCALE_EVERY = 8
 
@@ -29,14 +29,8 @@ def _kla_transform_kernel(
     i_nh, i_p = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos = _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
-    o_p = i_p * BP + tl.arange(0, BP)
-    o_s = tl.arange(0, BS)
-    m_p, m_s = o_p < P, o_s < S
-    m_ps = m_p[:, None] & m_s[None, :]
-    o_ps = o_p[:, None] * S + o_s[None, :]
-    b_a = tl.load(a + i_h * P * S + o_ps, mask=m_ps, other=1.0).to(tl.float32)
-    b_noise = tl.load(p + i_h * P * S + o_ps, mask=m_ps, other=0.0).to(tl.float32)
-    b_a2 = b_a * b_a
+    o_p, o_s, m_p, m_s, m_ps, o_ps = _lanes(i_p, P, S, BP, BS)
+    b_a, b_a2, b_noise = _dynamics(a, p, i_h, o_ps, m_ps, P, S)
     one = tl.full([BP, BS], 1.0, tl.float32)
     zero = tl.zeros([BP, BS], tl.float32)
     b_A, b_B, b_C, b_D, b_E, b_F, b_G = one, zero, zero, one, zero, zero, one
@@ -46,7 +40,7 @@ def _kla_transform_kernel(
         b_vlv = tl.load(vlv + o_tp, mask=m_p, other=0.0).to(tl.float32)
         b_k = tl.load(k + (t * H + i_h) * S + o_s, mask=m_s, other=0.0).to(tl.float32)
         b_phi = b_lv[:, None] * (b_k * b_k)[None, :]
-        b_r = b_vlv[:, None] * b_k[None, :]
+        b_r = b_vlv[:, None] * b_k[None, :]  # v·Λv arrives as one product here
         b_u = 1.0 + b_noise * b_phi
         b_w = b_phi * b_a2
         b_rp = b_r * b_noise

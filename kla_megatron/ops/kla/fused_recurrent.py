@@ -31,6 +31,7 @@ def torch_kla_step(v, lambda_v, k, q, a, p, lam, eta):
 
 
 if triton is not None:
+    from .chunk import _dynamics, _lanes
 
     @triton.jit
     def _kla_step_kernel(
@@ -39,13 +40,8 @@ if triton is not None:
     ):
         i_bh, i_p = tl.program_id(0), tl.program_id(1)
         i_h = i_bh % H
-        o_p = i_p * BP + tl.arange(0, BP)
-        o_s = tl.arange(0, BS)
-        m_p, m_s = o_p < P, o_s < S
-        m_ps = m_p[:, None] & m_s[None, :]
-        o_ps = o_p[:, None] * S + o_s[None, :]
-        b_a = tl.load(a + i_h * P * S + o_ps, mask=m_ps, other=1.0).to(tl.float32)
-        b_noise = tl.load(p + i_h * P * S + o_ps, mask=m_ps, other=0.0).to(tl.float32)
+        o_p, o_s, m_p, m_s, m_ps, o_ps = _lanes(i_p, P, S, BP, BS)
+        b_a, b_a2, b_noise = _dynamics(a, p, i_h, o_ps, m_ps, P, S)
         o_state = i_bh * P * S + o_ps
         b_lam = tl.load(lam + o_state, mask=m_ps, other=1.0).to(tl.float32)
         b_eta = tl.load(eta + o_state, mask=m_ps, other=0.0).to(tl.float32)
@@ -53,7 +49,7 @@ if triton is not None:
         b_lv = tl.load(lambda_v + i_bh * P + o_p, mask=m_p, other=0.0).to(tl.float32)
         b_k = tl.load(k + i_bh * S + o_s, mask=m_s, other=0.0).to(tl.float32)
         b_q = tl.load(q + i_bh * S + o_s, mask=m_s, other=0.0).to(tl.float32)
-        b_inv_d = 1.0 / (b_a * b_a + b_noise * b_lam)
+        b_inv_d = 1.0 / (b_a2 + b_noise * b_lam)
         b_lam = b_lam * b_inv_d + b_lv[:, None] * (b_k * b_k)[None, :]
         b_eta = b_a * b_inv_d * b_eta + (b_v * b_lv)[:, None] * b_k[None, :]
         b_sigma = 1.0 / b_lam
