@@ -144,7 +144,12 @@ def torchrun_command(args, nodes: int, gpn: int) -> tuple[dict, list[str]]:
         raise ValueError(f"--master-addr is required with --nodes {nodes} (the rendezvous host, e.g. the first node)")
     if args.node_rank is not None and not 0 <= args.node_rank < nodes:
         raise ValueError(f"--node-rank must be in [0, {nodes}), got {args.node_rank}")
-    env = {"NNODES": str(nodes), "GPUS_PER_NODE": str(gpn), "NODE_RANK": str(args.node_rank or 0)}
+    node_rank = args.node_rank
+    if node_rank is None:
+        node_rank = os.environ.get("NODE_RANK", os.environ.get("SLURM_NODEID", "0" if nodes == 1 else None))
+        if node_rank is None:
+            raise ValueError(f"--node-rank is required with --nodes {nodes} (or NODE_RANK in the environment)")
+    env = {"NNODES": str(nodes), "GPUS_PER_NODE": str(gpn), "NODE_RANK": str(node_rank)}
     if args.master_addr:
         env["MASTER_ADDR"] = args.master_addr
     if args.master_port:

@@ -48,7 +48,13 @@ read -r -a extra <<<"${TORCHRUN_ARGS:-}"
 # The trainer checkpoints and exits on SIGTERM/SIGUSR1. torchrun's agent must not die of SIGUSR1
 # (its default action) while the workers checkpoint: newer torchrun can handle it and forward it,
 # and wait --shutdown-timeout seconds for the workers before killing them.
-help=$("${torchrun_cmd[@]}" --help 2>/dev/null || true)
+if [ -z "${TORCHRUN:-}" ]; then
+  # read torch/distributed/run.py instead of `--help`, which imports torch (seconds per call)
+  help=$(python -c 'import importlib.util as u; print(u.find_spec("torch").submodule_search_locations[0])' 2>/dev/null |
+         xargs -r -I{} cat {}/distributed/run.py 2>/dev/null || true)
+else
+  help=$("${torchrun_cmd[@]}" --help 2>/dev/null || true)
+fi
 if [[ $help == *--signals-to-handle* ]]; then
   extra+=(--signals-to-handle "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
 fi

@@ -72,9 +72,14 @@ def test_deepspeed_scheduler_needs_a_deepspeed_config_and_reads_the_hostfile(tmp
     assert "expected '<host> slots=<n>'" in capsys.readouterr().err
 
 
-def test_torchrun_multi_node_needs_a_master_addr(capsys):
+def test_torchrun_multi_node_needs_a_master_addr_and_a_node_rank(capsys, monkeypatch):
     assert kla_launch(TINY + ["--scheduler", "torchrun", "--nodes", "2", "--gpus-per-node", "1", "--dry-run"]) == 2
     assert "--master-addr is required" in capsys.readouterr().err
+    for var in ("NODE_RANK", "SLURM_NODEID"):
+        monkeypatch.delenv(var, raising=False)
+    assert kla_launch(TINY + ["--scheduler", "torchrun", "--nodes", "2", "--gpus-per-node", "1", "--master-addr", "n1",
+                              "--dry-run"]) == 2
+    assert "--node-rank is required with --nodes 2" in capsys.readouterr().err
     rc = kla_launch(TINY + ["--scheduler", "torchrun", "--nodes", "2", "--gpus-per-node", "1", "--master-addr", "n1",
                             "--node-rank", "1", "--dry-run"])
     out = capsys.readouterr().out
