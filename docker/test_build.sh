@@ -66,8 +66,13 @@ python3 -m http.server "$PORT" --bind 127.0.0.1 --directory "$PIP_ROOT" >"$D/ind
 INDEX_PID=$!
 sleep 1
 log "building the test base (venv + CPU torch from the local index)"
-docker build --network host -t kla-test-base:cpu -f - . <<DOCKERFILE
+# The base trusts the host's CA bundle, so pip reaches PyPI through the same (TLS-inspecting) proxy.
+mkdir -p "$D/basectx"
+cp /etc/ssl/certs/ca-certificates.crt "$D/basectx/"
+docker build --network host -t kla-test-base:cpu -f - "$D/basectx" <<DOCKERFILE
 FROM kla-test-debian:bookworm
+COPY ca-certificates.crt /etc/ssl/certs/host-ca-certificates.crt
+ENV PIP_CERT=/etc/ssl/certs/host-ca-certificates.crt
 ENV PIP_EXTRA_INDEX_URL="http://127.0.0.1:$PORT/pypi/simple/ http://127.0.0.1:$PORT/pypi-more/simple/" \\
     PIP_FIND_LINKS=http://127.0.0.1:$PORT/wheels/ PIP_NO_CACHE_DIR=1 PATH=/opt/venv/bin:\$PATH
 RUN python3 -m venv /opt/venv && pip install torch==2.13.0 numpy
