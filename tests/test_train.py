@@ -74,6 +74,10 @@ def test_tiny_model_loss_falls_on_the_sample_corpus(model_yaml, tmp_path):
     assert last < first - 0.8, f"loss did not fall: first5 {first:.3f} last5 {last:.3f}"
     assert sorted(res["valid"]) == [15, 30] and res["valid"][30] < res["valid"][15]
     assert (tmp_path / "ck" / "iter_0000030" / "manifest.json").exists()
+    from kla_megatron.models import KLAModelConfig
+
+    saved = tmp_path / "ck" / "iter_0000030" / "model_config.yaml"
+    assert KLAModelConfig.from_yaml(saved) == KLAModelConfig.from_yaml(model_yaml)
 
 
 def test_nonfinite_loss_aborts_and_keeps_the_last_good_checkpoint(model_yaml, tmp_path):

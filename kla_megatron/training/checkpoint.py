@@ -25,8 +25,10 @@ import warnings
 import numpy
 import torch
 import torch.distributed as dist
+import yaml
 
 MANIFEST = "manifest.json"
+MODEL_CONFIG = "model_config.yaml"
 _ITER_RE = re.compile(r"^iter_(\d{7})$")
 
 
@@ -156,6 +158,12 @@ def set_rng_state(state: dict) -> None:
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
     get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def save_model_config(tmp: str, model_config: dict) -> None:
+    """``model_config.yaml`` inside the checkpoint (found by ``kla-convert`` without flags)."""
+    with open(os.path.join(tmp, MODEL_CONFIG), "w") as f:
+        yaml.safe_dump(model_config, f, sort_keys=False)
 
 
 def save_rng(tmp: str, rank: int) -> None:

@@ -158,6 +158,9 @@ class Trainer:
         common = {"step": self.step, "consumed_samples": self.consumed_samples}
         self.engine.save(os.path.join(tmp, "model"), common)
         ckpt.save_rng(tmp, self.rank)
+        if self.rank == 0:
+            # The architecture travels with the weights: kla-convert reads it from here.
+            ckpt.save_model_config(tmp, self.model_cfg.to_dict())
         path = ckpt.commit(c.dir, self.step, {"layout": self.layout, "run_name": self.run.run_name}, c.keep_last)
         self.history.last_checkpoint = path
         self.log(f"saved checkpoint {path}")
