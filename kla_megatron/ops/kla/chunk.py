@@ -21,6 +21,9 @@ Packed sequences: all batch rows are viewed as one row of ``B·L`` tokens with
 both. Checkpoint slot of chunk j of sequence n: ``n + (bos_n + j·CHUNK) // CHUNK``
 (collision-free for any segmentation; at most N + ceil(T / CHUNK) slots).
 
+Rows too few to fill the GPU are cut in time by :mod:`.chunk_split`, which reuses both
+kernels over segments plus the transform and adjoint-map passes of :mod:`.chunk_carry`.
+
 Kernel naming: ``b_`` block values, ``p_`` pointers, ``o_`` offsets, ``m_`` masks,
 ``i_`` program ids.
 """
