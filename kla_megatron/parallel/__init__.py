@@ -1,5 +1,6 @@
 """Context parallelism for KLA models: carry exchange for the scan, conv halos, a TE-free CP
-attention core, and the sequence-sharding helpers the data path uses.
+attention core, and the sequence-sharding helpers the data path uses; ``local_ranks`` runs
+a function on N local gloo processes (offline conversion, CPU tests).
 
 Helpers only: nothing here owns parameters or is checkpointed."""
 from .context_parallel import cp_kla_scan

@@ -1,0 +1,27 @@
+"""kla_megatron.parallel.local_ranks: results come back per rank, failures carry the traceback."""
+import pytest
+import torch
+import torch.distributed as dist
+
+from kla_megatron.parallel.local_ranks import spawn_gloo
+
+
+def _sum_ranks(rank, world_size, offset):
+    t = torch.tensor([float(rank + offset)])
+    dist.all_reduce(t)
+    return rank, t.item()
+
+
+def _fail_on_rank_one(rank, world_size):
+    if rank == 1:
+        raise ValueError("rank one is broken")
+    return rank
+
+
+def test_results_per_rank():
+    assert spawn_gloo(_sum_ranks, 2, (10,), pass_rank=True) == [(0, 21.0), (1, 21.0)]
+
+
+def test_failure_reports_the_failing_rank_traceback():
+    with pytest.raises(RuntimeError, match=r"(?s)rank 1:.*ValueError: rank one is broken"):
+        spawn_gloo(_fail_on_rank_one, 2, pass_rank=True)
