@@ -5,6 +5,7 @@ launch/slurm/local_cluster.sh (Debian slurm-wlm + munge, installed with apt-get 
 - preemption: SIGUSR1 to the batch shell (what `--signal=B:USR1@s` does before the time limit)
   -> the trainer checkpoints and exits -> job.sh requeues -> the job resumes from the checkpoint.
 Skipped, with the reason, when the cluster cannot be set up (not root, no apt, no packages)."""
+import fcntl
 import os
 import re
 import subprocess
@@ -23,6 +24,14 @@ SLURM_PORT = "18817"
 def slurm(tmp_path_factory):
     if os.geteuid() != 0:
         pytest.skip("the local Slurm cluster needs root (munge user, /etc/hosts entries, apt-get)")
+    # One cluster at a time on this machine (fixed ports, /etc/hosts names): pytest-xdist may
+    # run this module's tests on two workers, each with its own module fixture.
+    with open("/tmp/kla-slurm-test.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield from _cluster()
+
+
+def _cluster():
     # not under pytest's 0700 tmp folder: munged runs as user munge and must reach its files
     base = tempfile.mkdtemp(prefix="kla-slurm-test-", dir="/tmp")
     os.chmod(base, 0o755)
