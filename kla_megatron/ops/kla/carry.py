@@ -40,14 +40,6 @@ def _compute_dtype(a: torch.Tensor) -> torch.dtype:
     return torch.float64 if a.dtype == torch.float64 else torch.float32
 
 
-def _leaves(v_lambda_v, lambda_v, k, a, p):
-    """Per-token transforms ``[7, B, T, H, P, S]`` (undivided leaf of §3)."""
-    k = k[:, :, :, None, :]
-    phi = lambda_v[..., None] * k * k
-    r = v_lambda_v[..., None] * k
-    return tr.leaf(phi, r, a, p)
-
-
 def _reduce_time(t: torch.Tensor) -> torch.Tensor:
     """Compose ``[7, B, T, ...]`` over T (later · earlier) by a pairwise tree: ``[7, B, ...]``."""
     while t.shape[2] > 1:
@@ -110,7 +102,7 @@ def chunk_transforms(
     total = None
     for s in range(0, v_lambda_v.shape[1], block_size):
         sl = slice(s, s + block_size)
-        block = _reduce_time(_leaves(v_lambda_v[:, sl], lambda_v[:, sl], k[:, sl], a, p))
+        block = _reduce_time(tr.token_leaves(v_lambda_v[:, sl], lambda_v[:, sl], k[:, sl], a, p))
         total = block if total is None else tr.compose(block, total)
     return total
 
@@ -169,7 +161,7 @@ def adjoint_to_info(c: torch.Tensor, lam: torch.Tensor, eta: torch.Tensor) -> St
 
 def _block_states(v_lambda_v, lambda_v, k, a, p, lam0, eta0):
     """Posterior states after each token of a block from ``(lam0, eta0)``: ``[B, T, H, P, S]``."""
-    t = tr.inclusive_scan(_leaves(v_lambda_v, lambda_v, k, a, p), dim=1)
+    t = tr.inclusive_scan(tr.token_leaves(v_lambda_v, lambda_v, k, a, p), dim=1)
     return tr.apply(t, lam0[:, None], eta0[:, None])
 
 

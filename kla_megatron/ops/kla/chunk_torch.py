@@ -22,14 +22,6 @@ from . import transform as tr
 State = Tuple[torch.Tensor, torch.Tensor]
 
 
-def _leaves(v, lambda_v, k, a, p):
-    """Per-token transforms [7, B, L, H, P, S]."""
-    k = k[:, :, :, None, :]
-    phi = lambda_v[..., None] * k * k
-    r = (v * lambda_v)[..., None] * k
-    return tr.leaf(phi, r, a, p)
-
-
 def _first_step(v, lambda_v, k, a, p, lam0, eta0):
     """State after a sequence's first token, in covariance form (kla_math.md §4).
 
@@ -103,7 +95,7 @@ def torch_kla_scan(
     else:
         lam0, eta0 = (s.to(dtype) for s in initial_state)
 
-    t = _leaves(v, lambda_v, k, a, p)
+    t = tr.token_leaves(v * lambda_v, lambda_v, k, a, p)
     if cu_seqlens is None:
         starts, first_tokens = None, (v[:, 0], lambda_v[:, 0], k[:, 0])
     else:

@@ -24,6 +24,13 @@ def leaf(phi: torch.Tensor, r: torch.Tensor, a: torch.Tensor, p: torch.Tensor) -
     return torch.stack([1 + p * phi, phi * a2, p, a2, r * p, r * a2, a])
 
 
+def token_leaves(v_lambda_v, lambda_v, k, a, p) -> torch.Tensor:
+    """Leaf maps of every token: v·Λv, Λv ``[B, L, H, P]``, k ``[B, L, H, S]``, a, p ``[H, P, S]``
+    → ``[7, B, L, H, P, S]`` (φ = Λv·k², r = v·Λv·k)."""
+    k = k[:, :, :, None, :]
+    return leaf(lambda_v[..., None] * k * k, v_lambda_v[..., None] * k, a, p)
+
+
 def identity_like(x: torch.Tensor) -> torch.Tensor:
     one, zero = torch.ones_like(x), torch.zeros_like(x)
     return torch.stack([one, zero, zero, one, zero, zero, one])
