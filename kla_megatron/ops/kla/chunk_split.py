@@ -26,12 +26,13 @@ def _cdiv(x: int, y: int) -> int:
     return -(-x // y)
 
 
-def choose_segment_len(n_programs: int, L: int, device: torch.device):
-    """A segment length (multiple of CHUNK, ≥ 4 chunks) giving ≥ 4 programs per SM, or None."""
+def choose_segment_len(n_warps: int, L: int, device: torch.device):
+    """A segment length (multiple of CHUNK, ≥ 4 chunks) giving ≥ 4 warps per SM (one per
+    scheduler) when ``n_warps`` warps of the unsplit scan give fewer, or None."""
     n_sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
     want = 4 * n_sm
-    n_segments = min(_cdiv(want, n_programs), L // (4 * CHUNK))
-    if n_programs >= want or n_segments < 2:
+    n_segments = min(_cdiv(want, n_warps), L // (4 * CHUNK))
+    if n_warps >= want or n_segments < 2:
         return None
     return _cdiv(_cdiv(L, n_segments), CHUNK) * CHUNK
 
