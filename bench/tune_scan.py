@@ -5,7 +5,7 @@
 
 Knobs (attributes of ``kla_megatron.ops.kla.chunk``): ``MAX_CHANNELS`` (channels per
 program, one thread each), ``UPCAST_KQ`` (k, q upcast to fp32 before the kernels),
-``DOT_REDUCE`` (dk/dq channel sums on tensor cores). ``--segments`` times the whole
+``WARP_REDUCE`` (dk/dq channel sums by warp reduce-scatter). ``--segments`` times the whole
 forward+backward of ``triton_kla_scan`` at the given time-split segment lengths (0 = auto).
 """
 from __future__ import annotations
@@ -22,9 +22,9 @@ from bench_scan import _kla_inputs  # noqa: E402  (run from bench/ or with bench
 
 VARIANTS = {
     "default": {},
-    "kq-bf16": {"UPCAST_KQ": False},
-    "32-channels": {"MAX_CHANNELS": 32},
-    "dot-reduce": {"DOT_REDUCE": True},
+    "64-channels": {"MAX_CHANNELS": 64},
+    "kq-fp32": {"UPCAST_KQ": True},
+    "tl.sum-dk": {"WARP_REDUCE": False},
 }
 
 

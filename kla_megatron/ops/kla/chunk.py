@@ -40,12 +40,13 @@ import triton
 import triton.language as tl
 
 CHUNK = 32
-# Channels per program (one thread each; warps = channels / 32). 64 = one head of the
-# model configs, so dk/dq need no cross-program reduction. A module attribute so tests
-# can force several channel blocks per head and the tuner can sweep it.
-MAX_CHANNELS = 64
-UPCAST_KQ = True
-DOT_REDUCE = False  # tensor-core channel sums for dk/dq: spills at S=16 (see bench/README.md)
+# Channels per program (one thread each; warps = channels / 32). One warp per program
+# measured fastest on the H200 (bench/README.md run 4) and lets the dk/dq channel sums stay
+# inside a warp. Module attributes so tests and bench/tune_scan.py can change them.
+MAX_CHANNELS = 32
+UPCAST_KQ = False  # measured slower (bench/README.md run 4)
+# dk/dq channel sums by warp reduce-scatter (inline PTX shuffles: GPU, S = 16, 32 channels).
+WARP_REDUCE = True
 
 
 @triton.jit
@@ -181,15 +182,55 @@ def _kla_fwd_kernel(
 
 
 @triton.jit
-def _sum_channels(x, BP: tl.constexpr, DOT_REDUCE: tl.constexpr):
-    """Σ over the channel axis of a [BS, BP] block (channels live on different threads)."""
-    if DOT_REDUCE:
-        # Tensor cores reduce across threads in one pass: x @ e₀ (ones in column 0), with
-        # tf32x3 splitting x into two tf32 halves, so the sum keeps fp32 accuracy.
-        e0 = (tl.arange(0, 16)[None, :] == 0) & (tl.arange(0, BP)[:, None] >= 0)
-        return tl.sum(tl.dot(x, e0.to(tl.float32), input_precision="tf32x3"), axis=1)
+def _load_reverse_step(v, lambda_v, k, q, d_y, d_yvar, p_scr_sigma, p_scr_mu, o_scr, t0, i,
+                       i_h, o_p, o_s, m_p, m_s, H: tl.constexpr, P: tl.constexpr, S: tl.constexpr,
+                       BS: tl.constexpr, BP: tl.constexpr):
+    """Everything step i of a chunk's reverse sweep reads: token inputs, the read-out
+    cotangents and the prior state parked in scratch by the replay."""
+    t = t0 + i
+    b_v, b_lv, b_k, b_q = _load_token(v, lambda_v, k, q, t, i_h, o_p, o_s, m_p, m_s, H, P, S)
+    o_tp = (t * H + i_h) * P + o_p
+    b_gy = tl.load(d_y + o_tp, mask=m_p, other=0.0)
+    b_gv = tl.load(d_yvar + o_tp, mask=m_p, other=0.0)
+    b_sp = tl.load(p_scr_sigma + i * BS * BP + o_scr)
+    b_mp = tl.load(p_scr_mu + i * BS * BP + o_scr)
+    return b_v, b_lv, b_k, b_q, b_gy, b_gv, b_sp, b_mp
+
+
+@triton.jit
+def _shfl_xor(x, offset: tl.constexpr):
+    return tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, $2, 0x1f, 0xffffffff;", "=f,f,r",
+                                     [x, tl.full(x.shape, offset, tl.int32)], dtype=tl.float32,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
+def _fold(x, lane, BIT: tl.constexpr, W: tl.constexpr):
+    """One reduce-scatter level over a warp: x [2W, 32] (rows in registers, lane = column).
+    Lanes with bit BIT set keep the upper W rows, the others the lower W; each sends the
+    half it drops to its partner lane ``lane ^ 2**BIT`` and adds the half it receives."""
+    lo, hi = tl.split(tl.permute(tl.reshape(x, [2, W, 32]), [1, 2, 0]))
+    up = (((lane >> BIT) & 1) != 0)[None, :]
+    return tl.where(up, hi, lo) + _shfl_xor(tl.where(up, lo, hi), 1 << BIT)
+
+
+@triton.jit
+def _warp_sum_16(x, lane):
+    """Σ over the 32 lanes of a [16, 32] block: 16 shuffles instead of the 80 of a per-row
+    butterfly (``tl.sum``). Lane l returns the sum of row l >> 1."""
+    x = _fold(x, lane, 4, 8)
+    x = _fold(x, lane, 3, 4)
+    x = _fold(x, lane, 2, 2)
+    x = tl.reshape(_fold(x, lane, 1, 1), [32])
+    return x + _shfl_xor(x, 1)
+
+
+@triton.jit
+def _put(ptr, x, mask, ATOMIC: tl.constexpr):
+    if ATOMIC:
+        tl.atomic_add(ptr, x, mask=mask, sem="relaxed")
     else:
-        return tl.sum(x, axis=1)
+        tl.store(ptr, x, mask=mask)
 
 
 @triton.jit
@@ -201,11 +242,12 @@ def _kla_bwd_kernel(
     BP: tl.constexpr, BS: tl.constexpr, CHUNK: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, END_ADJOINT: tl.constexpr,
     IS_VARLEN: tl.constexpr, DETERMINISTIC: tl.constexpr, N_PBLOCKS: tl.constexpr,
-    MAP_ONLY: tl.constexpr, FAST_RCP: tl.constexpr, DOT_REDUCE: tl.constexpr,
+    MAP_ONLY: tl.constexpr, FAST_RCP: tl.constexpr, WARP_REDUCE: tl.constexpr,
 ):
     # END_ADJOINT: 0 = none, 1 = cotangent of the final (lam, eta), 2 = adjoint of the final
     # (mu, sigma) given directly (time-split and context-parallel carries).
     # MAP_ONLY: compute only the affine end-to-start adjoint map (Q, o) of kla_math.md §6.
+    ATOMIC: tl.constexpr = not (DETERMINISTIC or N_PBLOCKS == 1)
     i_nh, i_p = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos = _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
@@ -258,19 +300,20 @@ def _kla_bwd_kernel(
             b_phi, b_r = _observation(b_v, b_lv, b_k)
             b_sigma, b_mu, _, _ = _step(b_sigma, b_mu, b_phi, b_r, b_a, b_a2, b_noise, FAST_RCP)
         tl.debug_barrier()
-        n_v, n_lv, n_k, n_q = _load_token(v, lambda_v, k, q, t0 + n_steps - 1,
-                                           i_h, o_p, o_s, m_p, m_s, H, P, S)
+        # Reverse sweep; the next (earlier) step's inputs, cotangents and parked state are
+        # loaded one step ahead.
+        n_v, n_lv, n_k, n_q, n_gy, n_gv, n_sp, n_mp = _load_reverse_step(
+            v, lambda_v, k, q, d_y, d_yvar, p_scr_sigma, p_scr_mu, o_scr, t0, n_steps - 1,
+            i_h, o_p, o_s, m_p, m_s, H, P, S, BS, BP)
         for ii in range(0, n_steps):
             i = n_steps - 1 - ii
             t = t0 + i
-            b_v, b_lv, b_k, b_q = n_v, n_lv, n_k, n_q
-            n_v, n_lv, n_k, n_q = _load_token(v, lambda_v, k, q, tl.maximum(t - 1, t0),
-                                               i_h, o_p, o_s, m_p, m_s, H, P, S)
+            b_v, b_lv, b_k, b_q, b_gy, b_gv, b_sp, b_mp = n_v, n_lv, n_k, n_q, n_gy, n_gv, n_sp, n_mp
+            n_v, n_lv, n_k, n_q, n_gy, n_gv, n_sp, n_mp = _load_reverse_step(
+                v, lambda_v, k, q, d_y, d_yvar, p_scr_sigma, p_scr_mu, o_scr, t0, tl.maximum(i - 1, 0),
+                i_h, o_p, o_s, m_p, m_s, H, P, S, BS, BP)
             o_tp = (t * H + i_h) * P + o_p
-            b_gy = tl.load(d_y + o_tp, mask=m_p, other=0.0).to(tl.float32)
-            b_gv = tl.load(d_yvar + o_tp, mask=m_p, other=0.0).to(tl.float32)
-            b_sp = tl.load(p_scr_sigma + i * BS * BP + o_scr)
-            b_mp = tl.load(p_scr_mu + i * BS * BP + o_scr)
+            b_gy, b_gv = b_gy.to(tl.float32), b_gv.to(tl.float32)
             b_phi, b_r = _observation(b_v, b_lv, b_k)
             b_sigma, b_mu, b_iota, _ = _step(b_sp, b_mp, b_phi, b_r, b_a, b_a2, b_noise, FAST_RCP)
             b_q = b_q.to(tl.float32)
@@ -300,17 +343,21 @@ def _kla_bwd_kernel(
                 b_dlv = tl.sum(b_dphi * (b_kf * b_kf)[:, None], axis=0) + b_v.to(tl.float32) * b_dvlv
                 tl.store(d_v + o_tp, (b_lv * b_dvlv).to(d_v.dtype.element_ty), mask=m_p)
                 tl.store(d_lv + o_tp, b_dlv.to(d_lv.dtype.element_ty), mask=m_p)
-                b_dk = _sum_channels(2.0 * b_kf[:, None] * b_lv[None, :] * b_dphi + b_vlv[None, :] * b_dr, BP, DOT_REDUCE)
-                b_dq = _sum_channels(b_gy[None, :] * b_mu + 2.0 * b_q[:, None] * b_gv[None, :] * b_sigma, BP, DOT_REDUCE)
-                o_ts = (t * H + i_h) * S + o_s
+                # dk, dq sum over channels: within the program here, then either one partial
+                # row per channel block ([N_PBLOCKS, tokens, H, S], summed outside) or atomics.
+                b_dk = 2.0 * b_kf[:, None] * b_lv[None, :] * b_dphi + b_vlv[None, :] * b_dr
+                b_dq = b_gy[None, :] * b_mu + 2.0 * b_q[:, None] * b_gv[None, :] * b_sigma
+                o_ts = (t * H + i_h) * S
                 if DETERMINISTIC or N_PBLOCKS == 1:
-                    # One partial row per channel block: [N_PBLOCKS, tokens, H, S], summed outside.
-                    o_part = i_p.to(tl.int64) * n_tokens * H * S + o_ts
-                    tl.store(d_k + o_part, b_dk, mask=m_s)
-                    tl.store(d_q + o_part, b_dq, mask=m_s)
+                    o_ts += i_p.to(tl.int64) * n_tokens * H * S
+                if WARP_REDUCE:
+                    lane = tl.arange(0, BP)
+                    o_r, m_r = o_ts + (lane >> 1), (lane & 1) == 0
+                    _put(d_k + o_r, _warp_sum_16(b_dk, lane), m_r, ATOMIC)
+                    _put(d_q + o_r, _warp_sum_16(b_dq, lane), m_r, ATOMIC)
                 else:
-                    tl.atomic_add(d_k + o_ts, b_dk, mask=m_s, sem="relaxed")
-                    tl.atomic_add(d_q + o_ts, b_dq, mask=m_s, sem="relaxed")
+                    _put(d_k + o_ts + o_s, tl.sum(b_dk, axis=1), m_s, ATOMIC)
+                    _put(d_q + o_ts + o_s, tl.sum(b_dq, axis=1), m_s, ATOMIC)
         tl.debug_barrier()
 
     if MAP_ONLY:
@@ -450,7 +497,8 @@ def kla_bwd(v, lambda_v, k, q, a, p, lam0, eta0, final, checkpoints, cu_seqlens,
         T, B * L, H=H, P=P, S=S, BP=BP, BS=BS, CHUNK=CHUNK,
         USE_INITIAL_STATE=lam0 is not None, END_ADJOINT=mode,
         IS_VARLEN=is_varlen, DETERMINISTIC=deterministic, N_PBLOCKS=n_pblocks, MAP_ONLY=map_only,
-        FAST_RCP=fast_rcp(v), DOT_REDUCE=DOT_REDUCE and BS >= 16 and BP >= 16, num_warps=warps,
+        FAST_RCP=fast_rcp(v), WARP_REDUCE=fast_rcp(v) and WARP_REDUCE and BS == 16 and BP == 32,
+        num_warps=warps,
     )
     if map_only:
         return from_kernel(map_q), from_kernel(map_o)
