@@ -14,11 +14,12 @@ are loaded two tokens ahead so their memory latency hides behind the arithmetic.
 2. ``_kla_bwd_kernel`` walks the chunks backwards; for each it replays the forward from
    the checkpoint, parking the CHUNK prior states in a per-program scratch block
    (L2-resident), then runs the contractive covariance-form adjoint recursion in
-   reverse. dk and dq are reduced over the program's channels; with one channel block
-   per head (P ≤ MAX_CHANNELS, the usual case) they are stored directly, otherwise
-   atomically added (fast) or written to a per-block partial buffer and summed
-   (``deterministic=True``, bitwise reproducible). da and dp stay in registers and are
-   written once per program.
+   reverse (the next step's inputs and parked state loaded one step ahead). dk and dq
+   are summed over the program's channels — on the GPU by a warp reduce-scatter of inline
+   PTX shuffles (``_warp_sum_16``) — then atomically added across a head's channel blocks
+   (fast) or written to a per-block partial buffer and summed (``deterministic=True``,
+   bitwise reproducible; also used when one block covers the head). da and dp stay in
+   registers and are written once per program.
 
 Packed sequences: all batch rows are viewed as one row of ``B·L`` tokens with
 ``cu_seqlens`` (implicit ``[0, L, 2L, …]`` without packing), so one code path serves
