@@ -103,8 +103,9 @@ def test_triton_without_final_state_or_grads():
     assert rel_err(y.cpu(), ry) < FP32_TOL and rel_err(y_var.cpu(), ryv) < FP32_TOL
 
 
-def test_triton_decode_step_matches_torch_step():
-    x = _to(make_inputs(3, 1, 2, 5, 3, seed=33, dtype=torch.float32), DEVICE)
+@pytest.mark.parametrize("shape", [(3, 1, 2, 5, 3), (2, 1, 2, 40, 16)], ids=["P5-S3", "2-channel-blocks"])
+def test_triton_decode_step_matches_torch_step(shape):
+    x = _to(make_inputs(*shape, seed=33, dtype=torch.float32), DEVICE)
     step = [x[k][:, 0] for k in ("v", "lambda_v", "k", "q")]
     got = kla_decode_step(*step, x["a"], x["p"], x["initial_state"], backend="triton")
     ref = kla_decode_step(*step, x["a"], x["p"], x["initial_state"], backend="torch")

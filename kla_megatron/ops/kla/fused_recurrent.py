@@ -31,19 +31,24 @@ def torch_kla_step(v, lambda_v, k, q, a, p, lam, eta):
 
 
 if triton is not None:
-    from .chunk import _blocks, _dynamics, _lanes, _state_offsets, from_kernel, to_kernel
+    from .chunk import _blocks, _lanes
 
     @triton.jit
     def _kla_step_kernel(
         v, lambda_v, k, q, a, p, lam, eta, y, y_var, lam_out, eta_out,
         H: tl.constexpr, P: tl.constexpr, S: tl.constexpr, BP: tl.constexpr, BS: tl.constexpr,
     ):
-        # Same [BS states, BP channels] lane blocks as the training kernels (chunk.py).
+        # Same [BS states, BP channels] lane blocks as the training kernels (chunk.py), but
+        # the state stays in the user's [B, H, P, S] layout: one step has no hot loop whose
+        # register layout a transposed copy would protect.
         i_bh, i_p = tl.program_id(0), tl.program_id(1)
-        i_b, i_h = i_bh // H, i_bh % H
+        i_h = i_bh % H
         o_p, o_s, m_p, m_s, m_sp = _lanes(i_p, P, S, BP, BS)
-        b_a, b_a2, b_noise = _dynamics(a, p, i_h, o_p, o_s, m_sp, H, P, S)
-        o_state = _state_offsets(i_b, i_h, o_p, o_s, H, P, S)
+        o_ps = o_p[None, :] * S + o_s[:, None]
+        b_a = tl.load(a + i_h * P * S + o_ps, mask=m_sp, other=1.0).to(tl.float32)
+        b_noise = tl.load(p + i_h * P * S + o_ps, mask=m_sp, other=0.0).to(tl.float32)
+        b_a2 = b_a * b_a
+        o_state = i_bh * P * S + o_ps
         b_lam = tl.load(lam + o_state, mask=m_sp, other=1.0).to(tl.float32)
         b_eta = tl.load(eta + o_state, mask=m_sp, other=0.0).to(tl.float32)
         b_v = tl.load(v + i_bh * P + o_p, mask=m_p, other=0.0).to(tl.float32)
@@ -66,12 +71,11 @@ def triton_kla_step(v, lambda_v, k, q, a, p, lam, eta):
     """Fused decode step; same contract as :func:`torch_kla_step` (state fp32, updated out of place)."""
     B, H, P = v.shape
     S = k.shape[-1]
-    v, lambda_v, k, q = (x.contiguous() for x in (v, lambda_v, k, q))
-    a, p, lam, eta = (to_kernel(x) for x in (a, p, lam, eta))
+    v, lambda_v, k, q, a, p, lam, eta = (x.contiguous() for x in (v, lambda_v, k, q, a, p, lam, eta))
     y, y_var = torch.empty_like(v), torch.empty_like(v)
     lam_out, eta_out = torch.empty_like(lam), torch.empty_like(eta)
     BP, BS, warps = _blocks(P, S)
     grid = (B * H, triton.cdiv(P, BP))
     _kla_step_kernel[grid](v, lambda_v, k, q, a, p, lam, eta, y, y_var, lam_out, eta_out,
                            H=H, P=P, S=S, BP=BP, BS=BS, num_warps=warps)
-    return y, y_var, from_kernel(lam_out), from_kernel(eta_out)
+    return y, y_var, lam_out, eta_out
