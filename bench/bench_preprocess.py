@@ -5,7 +5,7 @@ comments and docstrings, one document per file) plus the ``pydoc_data`` document
 topics repeated ``--english-repeat`` times (English prose). A 32k BPE tokenizer is trained
 on it once (cached in ``--work-dir``), then ``data_tools.preprocess`` runs with each
 worker count in ``--workers``; bare sentencepiece encode speed on one core is shown for
-comparison (preprocess uses an exact word cache, ``data_tools/cached_encode.py``).
+comparison (preprocess uses an exact segment cache, ``data_tools/cached_encode.py``).
 
     python bench/bench_preprocess.py --workers 1 2 --json-out bench/results/preprocess_cpu.json
 """

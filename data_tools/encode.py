@@ -1,7 +1,7 @@
 """Worker side of ``preprocess``: decode and tokenize one chunk of raw documents.
 
 Runs in spawned worker processes (or in-process with one worker), so it imports only
-numpy and sentencepiece. Encoding goes through the word cache of ``cached_encode.py``
+numpy and sentencepiece. Encoding goes through the segment cache of ``cached_encode.py``
 (same ids as sentencepiece, faster). A chunk's result depends only on the chunk, which is what makes
 multi-worker output byte-identical to single-worker output.
 """
@@ -59,7 +59,7 @@ def init_worker(model_path: str, json_key: str, split: bool) -> None:
 
 
 def encode_chunk(chunk: Chunk) -> EncodedChunk:
-    encode_batch, eod, split = _STATE["encoder"].encode_batch, _STATE["eod"], _STATE["split"]
+    encode_flat, eod, split = _STATE["encoder"].encode_flat, _STATE["eod"], _STATE["split"]
     texts: List[str] = []
     per_doc: List[int] = []
     problems: List[Problem] = []
@@ -72,15 +72,13 @@ def encode_chunk(chunk: Chunk) -> EncodedChunk:
         texts.extend(pieces if pieces is not None else (text,))
         per_doc.append(len(pieces) if pieces is not None else 1)
 
-    ids = encode_batch(texts)
-    # EOD closes the document: append it to each document's last sequence.
-    last = np.cumsum(per_doc, dtype=np.int64) - 1
-    for i in last.tolist():
-        ids[i].append(eod)
-    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    flat = np.concatenate([np.asarray(x, dtype=np.int32) for x in ids]) if ids else np.zeros(0, np.int32)
+    tokens, lengths = encode_flat(texts)
+    # EOD closes the document: insert it after each document's last sequence.
+    last = np.cumsum(np.asarray(per_doc, dtype=np.int64)) - 1
+    tokens = np.insert(tokens, np.cumsum(lengths)[last], np.int32(eod))
+    lengths[last] += 1
     return EncodedChunk(
-        tokens=flat,
+        tokens=tokens,
         sequence_lengths=lengths,
         sequences_per_document=np.asarray(per_doc, dtype=np.int64),
         nbytes=chunk.nbytes,

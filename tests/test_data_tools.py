@@ -147,6 +147,68 @@ def test_cached_encoder_matches_sentencepiece(corpus, tmp_path):
     assert not CachedEncoder(str(tmp_path / "n.model")).enabled
 
 
+TRICKY_TEXTS = [
+    "self.assertEqual(x1, foo_bar[2:]) # __init__ 0x1F 3.14e-5 1,000,000",
+    "    \tindented\t\ttabs  \r\n  \n\n   trailing   ",
+    "ca\u0301fe\u0301 e\u0301\u0302 na\u00efve \u0928\u092e\u0938\u094d\u0924\u0947 \u0645\u0631\u062d\u0628\u0627",
+    "\u201cquoted.\u201d \u2014 dash\u2026 \u00ab\u00bb (\u00a9 2024) \u00bd\u00b2 \u0661\u0662\u0663",
+    "\U0001F469\u200d\U0001F469\u200d\U0001F467 \u2764\ufe0f \U0001F9EA\U0001D54F \ua66e \u4e00\u4e8c\u4e09abc123",
+    "literal \u2581 lower-eighth \u2581\u2581x y\u2581 and <|user|>x<|endoftext|>1",
+    "\x00nul \x7f del \x1b[0m \u00a0nbsp\u3000ideo \u2028sep",
+    " leading space",
+    "  two leading",
+    "trailing newline\n",
+]
+
+
+def test_cached_encoder_fine_split_is_exact(corpus, tmp_path, monkeypatch):
+    """The finer split of cache misses: never inside a piece, and ids equal to sentencepiece's.
+
+    Checked on text built to sit on class boundaries (digits, "_", quotes, combining
+    marks, emoji sequences, a literal "\u2581", user symbols, control characters), cold
+    and warm, and with a cache so small that it is cleared between batches.
+    """
+    import random
+
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    import data_tools.cached_encode as ce
+
+    enc = ce.CachedEncoder(corpus["model"])
+    assert enc.enabled and enc._fine is not None  # the fine path is what is tested here
+    proto = pb.ModelProto()
+    proto.ParseFromString(open(corpus["model"], "rb").read())
+    for p in proto.pieces:  # the property the exactness argument rests on
+        if p.type == p.NORMAL:
+            text = p.piece.replace("\u2581", " ")
+            assert enc._fine.findall(text) == [text], p.piece
+    rng = random.Random(1)
+    chars = "".join(TRICKY_TEXTS) + "".join(t for _, t in sample_documents()[:5])
+    texts = TRICKY_TEXTS + ["".join(rng.choices(chars, k=rng.randint(0, 80))) for _ in range(3000)]
+    texts += [chars[i:i + rng.randint(1, 400)] for i in range(0, len(chars), 97)]
+    want = enc.sp.encode(texts, out_type=int)
+    for _ in range(2):  # cold and warm cache
+        tokens, lengths = enc.encode_flat(texts)
+        assert lengths.tolist() == [len(w) for w in want]
+        assert tokens.tolist() == [i for w in want for i in w]
+    monkeypatch.setattr(ce, "_CACHE_LIMIT", 40)
+    small = ce.CachedEncoder(corpus["model"])
+    assert [small.encode_batch(texts[i:i + 7]) for i in range(0, len(texts), 7)] == \
+        [want[i:i + 7] for i in range(0, len(texts), 7)]
+    assert small.encode_flat([])[0].size == 0 and small.encode_batch(["", "", "a"]) == [[], [], want[-1][:0] + enc.sp.encode("a")]
+
+
+def test_fine_pattern_joins_classes_that_share_a_piece():
+    from data_tools.cached_encode import _fine_pattern
+
+    p = _fine_pattern(["ab", "\u2581ab", "((", "1"])
+    assert p.findall(" ab(c12 \u00e9\u00e8t\u201d.") == [" ab", "(", "c", "1", "2", " \u00e9\u00e8", "t", "\u201d", "."]
+    # a piece "a(" joins letters and ASCII punctuation; "12" lets digits run together
+    assert _fine_pattern(["a(", "12"]).findall("x(y)12z") == ["x(y)", "12", "z"]
+    # a space inside a piece (after its start): no finer split at all
+    assert _fine_pattern(["a\u2581b"]) is None
+
+
 # ---------------------------------------------------------------- preprocess
 
 

@@ -194,3 +194,14 @@ def test_gpu_no_nan_in_extreme_regimes(regime):
     out, grad = outputs_and_grads(functools.partial(kla_scan, backend="triton"), x)
     for name, t in {**out, **grad}.items():
         assert torch.isfinite(t).all(), name
+
+
+def test_segment_length_rule():
+    from kla_megatron.ops.kla.chunk_split import choose_segment_len
+
+    cpu = torch.device("cpu")  # rule uses 132 SMs (an H200) off the GPU
+    assert choose_segment_len(1024, 4096, cpu) is None  # ≥ 4 warps per SM: no split
+    assert choose_segment_len(128, 32768, cpu) == 3648  # 9 segments → ~8 warps per SM
+    assert choose_segment_len(128, 200, cpu) is None  # too short for two 4-chunk segments
+    seg = choose_segment_len(300, 1000, cpu)
+    assert seg % 32 == 0 and seg >= 128 and -(-1000 // seg) >= 2

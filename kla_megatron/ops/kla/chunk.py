@@ -1,20 +1,25 @@
 """Triton training kernels for the KLA scan: fused forward and exact backward.
 
-Stages (kla_math.md §4–§5):
+Lane layout (kla_math.md §7): a program owns BP channels of one (sequence, head) and
+all S states of each; a thread holds **one channel's S states** in registers, so the
+read-outs y = Σ_s q·μ and y_var = Σ_s q²·σ and the dv/dΛv sums are in-thread adds,
+never shuffles. Tensors are ``[BS, BP]`` (state-major) so Triton's default layout puts
+the channels across threads and wraps the states into registers; the per-token inputs
+are loaded two tokens ahead so their memory latency hides behind the arithmetic.
 
-1. ``_kla_fwd_kernel``: one program owns BP channels × all S states of one (sequence,
-   head) and walks time with the covariance-form state (σ, μ) in fp32 registers,
-   writing y, y_var and, every CHUNK tokens, a checkpoint of the state. [B, L, H, P, S]
-   never touches memory.
-2. ``_kla_bwd_kernel``: walks the chunks backwards; for each it replays the forward
-   from the checkpoint, parking the CHUNK prior states in a per-program scratch block
+1. ``_kla_fwd_kernel`` walks time with the covariance-form state (σ, μ) in fp32
+   (kla_math.md §4), writes y, y_var and, every CHUNK tokens, a checkpoint of the state
+   in the internal layout ``[slot, H, S, P]`` (channels contiguous: coalesced stores).
+   [B, L, H, P, S] never touches memory.
+2. ``_kla_bwd_kernel`` walks the chunks backwards; for each it replays the forward from
+   the checkpoint, parking the CHUNK prior states in a per-program scratch block
    (L2-resident), then runs the contractive covariance-form adjoint recursion in
-   reverse. (Holding them in registers needs a fully unrolled loop, which Triton
-   3.6 takes many minutes to compile.)
-   dv and dλv are reduced over S inside the program; dk and dq are reduced over the
-   program's channels, then either atomically added (fast) or written to a per-block
-   partial buffer and summed (``deterministic=True``, bitwise reproducible).
-   da and dp are accumulated in registers and written once per program.
+   reverse (the next step's inputs and parked state loaded one step ahead). dk and dq
+   are summed over the program's channels — on the GPU by a warp reduce-scatter of inline
+   PTX shuffles (``_warp_sum_16``) — then atomically added across a head's channel blocks
+   (fast) or written to a per-block partial buffer and summed (``deterministic=True``,
+   bitwise reproducible; also used when one block covers the head). da and dp stay in
+   registers and are written once per program.
 
 Packed sequences: all batch rows are viewed as one row of ``B·L`` tokens with
 ``cu_seqlens`` (implicit ``[0, L, 2L, …]`` without packing), so one code path serves
@@ -24,23 +29,25 @@ both. Checkpoint slot of chunk j of sequence n: ``n + (bos_n + j·CHUNK) // CHUN
 Rows too few to fill the GPU are cut in time by :mod:`.chunk_split`, which reuses both
 kernels over segments plus the transform and adjoint-map passes of :mod:`.chunk_carry`.
 
-Kernel naming: ``b_`` block values, ``p_`` pointers, ``o_`` offsets, ``m_`` masks,
-``i_`` program ids.
+Kernel naming: ``b_`` block values, ``n_`` prefetched next-token values, ``p_``
+pointers, ``o_`` offsets, ``m_`` masks, ``i_`` program ids.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
 CHUNK = 32
-# Lanes (channels × states) per program and warps per program, the best of
-# bench/tune_scan.py on an H200 at B8·L4096·M4096·S16 (2026-11-28: forward 5.5 ms at
-# 256/4 vs 8.5 ms at 128/4; backward 28.0 ms at 256/4 vs 41.6 ms at 128/4). Module
-# attributes so the tuner can sweep them. Unrolling the time loops by 8 was measured
-# slower (backward 76 ms vs 49 ms fwd+bwd) and is not used.
-FWD_LANES, FWD_WARPS = 256, 4
-BWD_LANES, BWD_WARPS = 256, 4
+# Channels per program (one thread each; warps = channels / 32). One warp per program
+# measured fastest on the H200 (bench/README.md run 4) and lets the dk/dq channel sums stay
+# inside a warp. Module attributes so tests and bench/tune_scan.py can change them.
+MAX_CHANNELS = 32
+UPCAST_KQ = False  # measured slower (bench/README.md run 4)
+# dk/dq channel sums by warp reduce-scatter (inline PTX shuffles: GPU, S = 16, 32 channels).
+WARP_REDUCE = True
 
 
 @triton.jit
@@ -56,38 +63,74 @@ def _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN: tl.constexpr):
 
 @triton.jit
 def _lanes(i_p, P: tl.constexpr, S: tl.constexpr, BP: tl.constexpr, BS: tl.constexpr):
-    """Offsets and masks of one program's [BP channels, BS states] block of lanes."""
+    """Channel and state offsets/masks of one program's [BS states, BP channels] block."""
     o_p = i_p * BP + tl.arange(0, BP)
     o_s = tl.arange(0, BS)
     m_p, m_s = o_p < P, o_s < S
-    return o_p, o_s, m_p, m_s, m_p[:, None] & m_s[None, :], o_p[:, None] * S + o_s[None, :]
+    return o_p, o_s, m_p, m_s, m_s[:, None] & m_p[None, :]
 
 
 @triton.jit
-def _dynamics(a, p, i_h, o_ps, m_ps, P: tl.constexpr, S: tl.constexpr):
+def _state_offsets(i_n, i_h, o_p, o_s, H: tl.constexpr, P: tl.constexpr, S: tl.constexpr):
+    """Offsets of the lane block in a state-major ``[N, H, S, P]`` tensor (see ``to_kernel``).
+
+    Declared unaligned on purpose: otherwise Triton's coalescing pass vectorises these
+    (rare) state loads and stores four channels per thread and, to match, spreads the
+    states of a channel over threads and warps, turning every per-step read-out over S
+    into shuffles and barriers. One channel per thread keeps the hot loop in registers.
+    """
+    o = ((i_n * H + i_h) * S + o_s[:, None]) * P + o_p[None, :]
+    return tl.multiple_of(o, [1, 1])
+
+
+@triton.jit
+def _dynamics(a, p, i_h, o_p, o_s, m_sp, H: tl.constexpr, P: tl.constexpr, S: tl.constexpr):
     """(a, a², p) of the lane block; padding lanes get a = 1, p = 0 (no NaN anywhere)."""
-    b_a = tl.load(a + i_h * P * S + o_ps, mask=m_ps, other=1.0).to(tl.float32)
-    b_noise = tl.load(p + i_h * P * S + o_ps, mask=m_ps, other=0.0).to(tl.float32)
+    o = _state_offsets(0, i_h, o_p, o_s, H, P, S)
+    b_a = tl.load(a + o, mask=m_sp, other=1.0).to(tl.float32)
+    b_noise = tl.load(p + o, mask=m_sp, other=0.0).to(tl.float32)
     return b_a, b_a * b_a, b_noise
 
 
 @triton.jit
-def _observe(v, lambda_v, k, t, i_h, o_p, o_s, m_p, m_s, H: tl.constexpr, P: tl.constexpr, S: tl.constexpr):
-    """Token t's inputs for the lane block: v, Λv [BP], k [BS], and φ = Λv·k², r = v·Λv·k."""
-    b_v = tl.load(v + (t * H + i_h) * P + o_p, mask=m_p, other=0.0).to(tl.float32)
-    b_lv = tl.load(lambda_v + (t * H + i_h) * P + o_p, mask=m_p, other=0.0).to(tl.float32)
-    b_k = tl.load(k + (t * H + i_h) * S + o_s, mask=m_s, other=0.0).to(tl.float32)
-    b_phi = b_lv[:, None] * (b_k * b_k)[None, :]
-    b_r = (b_v * b_lv)[:, None] * b_k[None, :]
-    return b_v, b_lv, b_k, b_phi, b_r
+def _load_token(v, lambda_v, k, q, t, i_h, o_p, o_s, m_p, m_s,
+                H: tl.constexpr, P: tl.constexpr, S: tl.constexpr):
+    """Raw inputs of token t: v, Λv [BP]; k, q [BS]. Prefetches past the end of a sequence
+    or chunk clamp t instead of masking, so the k, q loads stay unmasked and vectorised."""
+    o_tp = (t * H + i_h) * P + o_p
+    o_ts = (t * H + i_h) * S + o_s
+    b_v = tl.load(v + o_tp, mask=m_p, other=0.0)
+    b_lv = tl.load(lambda_v + o_tp, mask=m_p, other=0.0)
+    b_k = tl.load(k + o_ts, mask=m_s, other=0.0)
+    b_q = tl.load(q + o_ts, mask=m_s, other=0.0)
+    return b_v, b_lv, b_k, b_q
 
 
 @triton.jit
-def _step(b_sigma, b_mu, b_phi, b_r, b_a, b_a2, b_noise):
-    """One covariance-form step (kla_math.md §4): returns posterior (σ, μ) and the gain ι."""
+def _observation(b_v, b_lv, b_k):
+    """φ = Λv·k² and r = v·Λv·k for the lane block [BS, BP] (inputs upcast to fp32)."""
+    b_v, b_lv, b_k = b_v.to(tl.float32), b_lv.to(tl.float32), b_k.to(tl.float32)
+    return (b_k * b_k)[:, None] * b_lv[None, :], b_k[:, None] * (b_v * b_lv)[None, :]
+
+
+@triton.jit
+def _rcp(x, FAST_RCP: tl.constexpr):
+    """1/x. On the GPU the hardware approximate reciprocal (≤ 1 ulp, as accurate as Triton's
+    default division): callers pass x ≥ 1, which needs none of the division's range fix-ups."""
+    if FAST_RCP:
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return 1.0 / x
+
+
+@triton.jit
+def _step(b_sigma, b_mu, b_phi, b_r, b_a, b_a2, b_noise, FAST_RCP: tl.constexpr):
+    """One covariance-form step (kla_math.md §4): returns posterior (σ, μ), the gain ι and
+    the prior variance P."""
     b_prior = b_a2 * b_sigma + b_noise
-    b_iota = 1.0 / (1.0 + b_phi * b_prior)
-    return b_prior * b_iota, (b_a * b_mu + b_r * b_prior) * b_iota, b_iota
+    b_iota = _rcp(1.0 + b_phi * b_prior, FAST_RCP)
+    return b_prior * b_iota, (b_a * b_mu + b_r * b_prior) * b_iota, b_iota, b_prior
 
 
 @triton.jit
@@ -97,46 +140,98 @@ def _kla_fwd_kernel(
     T, H: tl.constexpr, P: tl.constexpr, S: tl.constexpr,
     BP: tl.constexpr, BS: tl.constexpr, CHUNK: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
-    SAVE_CHECKPOINTS: tl.constexpr, IS_VARLEN: tl.constexpr,
+    SAVE_CHECKPOINTS: tl.constexpr, IS_VARLEN: tl.constexpr, FAST_RCP: tl.constexpr,
 ):
     i_nh, i_p = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos = _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
-
-    o_p, o_s, m_p, m_s, m_ps, o_ps = _lanes(i_p, P, S, BP, BS)
-
-    b_a, b_a2, b_noise = _dynamics(a, p, i_h, o_ps, m_ps, P, S)
-    o_state = (i_n * H + i_h) * P * S + o_ps
+    o_p, o_s, m_p, m_s, m_sp = _lanes(i_p, P, S, BP, BS)
+    b_a, b_a2, b_noise = _dynamics(a, p, i_h, o_p, o_s, m_sp, H, P, S)
+    o_state = _state_offsets(i_n, i_h, o_p, o_s, H, P, S)
     if USE_INITIAL_STATE:
-        b_lam = tl.load(lam0 + o_state, mask=m_ps, other=1.0).to(tl.float32)
-        b_eta = tl.load(eta0 + o_state, mask=m_ps, other=0.0).to(tl.float32)
+        b_lam = tl.load(lam0 + o_state, mask=m_sp, other=1.0).to(tl.float32)
+        b_eta = tl.load(eta0 + o_state, mask=m_sp, other=0.0).to(tl.float32)
         b_sigma = 1.0 / b_lam
         b_mu = b_eta * b_sigma
     else:
-        b_sigma = tl.full([BP, BS], 1.0, tl.float32)
-        b_mu = tl.zeros([BP, BS], tl.float32)
+        b_sigma = tl.full([BS, BP], 1.0, tl.float32)
+        b_mu = tl.zeros([BS, BP], tl.float32)
 
-    slot = i_n + bos // CHUNK
-    for t0 in range(bos, eos, CHUNK):
+    # Two tokens in flight: token t's inputs were loaded two iterations ago.
+    n1_v, n1_lv, n1_k, n1_q = _load_token(v, lambda_v, k, q, bos, i_h, o_p, o_s, m_p, m_s, H, P, S)
+    n2_v, n2_lv, n2_k, n2_q = _load_token(v, lambda_v, k, q, tl.minimum(bos + 1, eos - 1), i_h, o_p, o_s, m_p, m_s, H, P, S)
+    for t in range(bos, eos):
+        b_v, b_lv, b_k, b_q = n1_v, n1_lv, n1_k, n1_q
+        n1_v, n1_lv, n1_k, n1_q = n2_v, n2_lv, n2_k, n2_q
+        n2_v, n2_lv, n2_k, n2_q = _load_token(v, lambda_v, k, q, tl.minimum(t + 2, eos - 1), i_h, o_p, o_s, m_p, m_s, H, P, S)
         if SAVE_CHECKPOINTS:
-            o_ck = (slot * H + i_h) * P * S + o_ps
-            tl.store(ck_sigma + o_ck, b_sigma, mask=m_ps)
-            tl.store(ck_mu + o_ck, b_mu, mask=m_ps)
-        slot += 1
-        for t in range(t0, tl.minimum(t0 + CHUNK, eos)):
-            o_tp = (t * H + i_h) * P + o_p
-            b_v, b_lv, b_k, b_phi, b_r = _observe(v, lambda_v, k, t, i_h, o_p, o_s, m_p, m_s, H, P, S)
-            b_q = tl.load(q + (t * H + i_h) * S + o_s, mask=m_s, other=0.0).to(tl.float32)
-            b_sigma, b_mu, b_iota = _step(b_sigma, b_mu, b_phi, b_r, b_a, b_a2, b_noise)
-            b_y = tl.sum(b_q[None, :] * b_mu, axis=1)
-            b_yv = tl.sum((b_q * b_q)[None, :] * b_sigma, axis=1)
-            tl.store(y + o_tp, b_y.to(y.dtype.element_ty), mask=m_p)
-            tl.store(y_var + o_tp, b_yv.to(y_var.dtype.element_ty), mask=m_p)
+            if (t - bos) % CHUNK == 0:
+                slot = i_n + t // CHUNK
+                tl.store(ck_sigma + _state_offsets(slot, i_h, o_p, o_s, H, P, S), b_sigma, mask=m_sp)
+                tl.store(ck_mu + _state_offsets(slot, i_h, o_p, o_s, H, P, S), b_mu, mask=m_sp)
+        b_phi, b_r = _observation(b_v, b_lv, b_k)
+        b_sigma, b_mu, _, _ = _step(b_sigma, b_mu, b_phi, b_r, b_a, b_a2, b_noise, FAST_RCP)
+        b_q = b_q.to(tl.float32)
+        o_tp = (t * H + i_h) * P + o_p
+        tl.store(y + o_tp, tl.sum(b_q[:, None] * b_mu, axis=0).to(y.dtype.element_ty), mask=m_p)
+        tl.store(y_var + o_tp, tl.sum((b_q * b_q)[:, None] * b_sigma, axis=0).to(y_var.dtype.element_ty), mask=m_p)
 
     if STORE_FINAL_STATE:
         b_lam = 1.0 / b_sigma
-        tl.store(lam_t + o_state, b_lam, mask=m_ps)
-        tl.store(eta_t + o_state, b_mu * b_lam, mask=m_ps)
+        tl.store(lam_t + o_state, b_lam, mask=m_sp)
+        tl.store(eta_t + o_state, b_mu * b_lam, mask=m_sp)
+
+
+@triton.jit
+def _load_reverse_step(v, lambda_v, k, q, d_y, d_yvar, p_scr_sigma, p_scr_mu, o_scr, t0, i,
+                       i_h, o_p, o_s, m_p, m_s, H: tl.constexpr, P: tl.constexpr, S: tl.constexpr,
+                       BS: tl.constexpr, BP: tl.constexpr):
+    """Everything step i of a chunk's reverse sweep reads: token inputs, the read-out
+    cotangents and the prior state parked in scratch by the replay."""
+    t = t0 + i
+    b_v, b_lv, b_k, b_q = _load_token(v, lambda_v, k, q, t, i_h, o_p, o_s, m_p, m_s, H, P, S)
+    o_tp = (t * H + i_h) * P + o_p
+    b_gy = tl.load(d_y + o_tp, mask=m_p, other=0.0)
+    b_gv = tl.load(d_yvar + o_tp, mask=m_p, other=0.0)
+    b_sp = tl.load(p_scr_sigma + i * BS * BP + o_scr)
+    b_mp = tl.load(p_scr_mu + i * BS * BP + o_scr)
+    return b_v, b_lv, b_k, b_q, b_gy, b_gv, b_sp, b_mp
+
+
+@triton.jit
+def _shfl_xor(x, offset: tl.constexpr):
+    return tl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, $2, 0x1f, 0xffffffff;", "=f,f,r",
+                                     [x, tl.full(x.shape, offset, tl.int32)], dtype=tl.float32,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
+def _fold(x, lane, BIT: tl.constexpr, W: tl.constexpr):
+    """One reduce-scatter level over a warp: x [2W, 32] (rows in registers, lane = column).
+    Lanes with bit BIT set keep the upper W rows, the others the lower W; each sends the
+    half it drops to its partner lane ``lane ^ 2**BIT`` and adds the half it receives."""
+    lo, hi = tl.split(tl.permute(tl.reshape(x, [2, W, 32]), [1, 2, 0]))
+    up = (((lane >> BIT) & 1) != 0)[None, :]
+    return tl.where(up, hi, lo) + _shfl_xor(tl.where(up, lo, hi), 1 << BIT)
+
+
+@triton.jit
+def _warp_sum_16(x, lane):
+    """Σ over the 32 lanes of a [16, 32] block: 16 shuffles instead of the 80 of a per-row
+    butterfly (``tl.sum``). Lane l returns the sum of row l >> 1."""
+    x = _fold(x, lane, 4, 8)
+    x = _fold(x, lane, 3, 4)
+    x = _fold(x, lane, 2, 2)
+    x = tl.reshape(_fold(x, lane, 1, 1), [32])
+    return x + _shfl_xor(x, 1)
+
+
+@triton.jit
+def _put(ptr, x, mask, ATOMIC: tl.constexpr):
+    if ATOMIC:
+        tl.atomic_add(ptr, x, mask=mask, sem="relaxed")
+    else:
+        tl.store(ptr, x, mask=mask)
 
 
 @triton.jit
@@ -148,75 +243,83 @@ def _kla_bwd_kernel(
     BP: tl.constexpr, BS: tl.constexpr, CHUNK: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, END_ADJOINT: tl.constexpr,
     IS_VARLEN: tl.constexpr, DETERMINISTIC: tl.constexpr, N_PBLOCKS: tl.constexpr,
-    MAP_ONLY: tl.constexpr,
+    MAP_ONLY: tl.constexpr, FAST_RCP: tl.constexpr, WARP_REDUCE: tl.constexpr,
 ):
     # END_ADJOINT: 0 = none, 1 = cotangent of the final (lam, eta), 2 = adjoint of the final
     # (mu, sigma) given directly (time-split and context-parallel carries).
     # MAP_ONLY: compute only the affine end-to-start adjoint map (Q, o) of kla_math.md §6.
+    ATOMIC: tl.constexpr = not (DETERMINISTIC or N_PBLOCKS == 1)
     i_nh, i_p = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos = _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
-
-    o_p, o_s, m_p, m_s, m_ps, o_ps = _lanes(i_p, P, S, BP, BS)
-    b_a, b_a2, b_noise = _dynamics(a, p, i_h, o_ps, m_ps, P, S)
-    o_state = (i_n * H + i_h) * P * S + o_ps
+    o_p, o_s, m_p, m_s, m_sp = _lanes(i_p, P, S, BP, BS)
+    b_a, b_a2, b_noise = _dynamics(a, p, i_h, o_p, o_s, m_sp, H, P, S)
+    o_state = _state_offsets(i_n, i_h, o_p, o_s, H, P, S)
 
     # Carries: cM = a·ι_{t+1}·M̄_{t+1}, cS = a²·P̄_{t+1}; seeded by the final-state cotangent.
-    b_cM = tl.zeros([BP, BS], tl.float32)
-    b_cS = tl.zeros([BP, BS], tl.float32)
-    n_chunks = tl.cdiv(eos - bos, CHUNK)
+    b_cM = tl.zeros([BS, BP], tl.float32)
+    b_cS = tl.zeros([BS, BP], tl.float32)
     if END_ADJOINT == 2:
-        b_cM = tl.load(d_lam_t + o_state, mask=m_ps, other=0.0).to(tl.float32)
-        b_cS = tl.load(d_eta_t + o_state, mask=m_ps, other=0.0).to(tl.float32)
+        b_cM = tl.load(d_lam_t + o_state, mask=m_sp, other=0.0).to(tl.float32)
+        b_cS = tl.load(d_eta_t + o_state, mask=m_sp, other=0.0).to(tl.float32)
     if END_ADJOINT == 1:
         # (λ, η) = (1/σ, μ/σ): dσ = −(ḡλ + ḡη·μ)·λ², dμ = ḡη·λ.
-        b_lam = tl.load(lam_t + o_state, mask=m_ps, other=1.0)
-        b_eta = tl.load(eta_t + o_state, mask=m_ps, other=0.0)
-        b_glam = tl.load(d_lam_t + o_state, mask=m_ps, other=0.0).to(tl.float32)
-        b_geta = tl.load(d_eta_t + o_state, mask=m_ps, other=0.0).to(tl.float32)
+        b_lam = tl.load(lam_t + o_state, mask=m_sp, other=1.0)
+        b_eta = tl.load(eta_t + o_state, mask=m_sp, other=0.0)
+        b_glam = tl.load(d_lam_t + o_state, mask=m_sp, other=0.0).to(tl.float32)
+        b_geta = tl.load(d_eta_t + o_state, mask=m_sp, other=0.0).to(tl.float32)
         b_cM = b_geta * b_lam
         b_cS = -(b_glam + b_geta * b_eta / b_lam) * b_lam * b_lam
 
-    b_da = tl.zeros([BP, BS], tl.float32)
-    b_dp = tl.zeros([BP, BS], tl.float32)
+    b_da = tl.zeros([BS, BP], tl.float32)
+    b_dp = tl.zeros([BS, BP], tl.float32)
     # Running map from the end adjoint to the current one (products of gains ≤ 1).
-    b_Rmm = tl.full([BP, BS], 1.0, tl.float32)
-    b_Rms = tl.zeros([BP, BS], tl.float32)
-    b_Rss = tl.full([BP, BS], 1.0, tl.float32)
+    b_Rmm = tl.full([BS, BP], 1.0, tl.float32)
+    b_Rms = tl.zeros([BS, BP], tl.float32)
+    b_Rss = tl.full([BS, BP], 1.0, tl.float32)
     i_prog = i_nh.to(tl.int64) * N_PBLOCKS + i_p
-    p_scr_sigma = scratch + i_prog * 2 * CHUNK * BP * BS
-    p_scr_mu = p_scr_sigma + CHUNK * BP * BS
-    o_scr = tl.arange(0, BP)[:, None] * BS + o_s[None, :]
+    p_scr_sigma = scratch + i_prog * 2 * CHUNK * BS * BP
+    p_scr_mu = p_scr_sigma + CHUNK * BS * BP
+    o_scr = tl.multiple_of(o_s[:, None] * BP + tl.arange(0, BP)[None, :], [1, 1])  # see _state_offsets
+    n_chunks = tl.cdiv(eos - bos, CHUNK)
     for j in range(n_chunks - 1, -1, -1):
         t0 = bos + j * CHUNK
-        o_ck = ((i_n + t0 // CHUNK) * H + i_h) * P * S + o_ps
-        b_sigma = tl.load(ck_sigma + o_ck, mask=m_ps, other=1.0)
-        b_mu = tl.load(ck_mu + o_ck, mask=m_ps, other=0.0)
+        slot = i_n + t0 // CHUNK
+        o_ck = _state_offsets(slot, i_h, o_p, o_s, H, P, S)
+        b_sigma = tl.load(ck_sigma + o_ck, mask=m_sp, other=1.0)
+        b_mu = tl.load(ck_mu + o_ck, mask=m_sp, other=0.0)
         # Replay the chunk, parking each step's prior state in this program's scratch rows
         # (written and read by the same program, so they stay hot in L2).
         n_steps = tl.minimum(CHUNK, eos - t0)
+        n_v, n_lv, n_k, n_q = _load_token(v, lambda_v, k, q, t0, i_h, o_p, o_s, m_p, m_s, H, P, S)
         for i in range(0, n_steps):
-            t = t0 + i
-            tl.store(p_scr_sigma + i * BP * BS + o_scr, b_sigma)
-            tl.store(p_scr_mu + i * BP * BS + o_scr, b_mu)
-            _, _, _, b_phi, b_r = _observe(v, lambda_v, k, t, i_h, o_p, o_s, m_p, m_s, H, P, S)
-            b_sigma, b_mu, _ = _step(b_sigma, b_mu, b_phi, b_r, b_a, b_a2, b_noise)
+            b_v, b_lv, b_k = n_v, n_lv, n_k
+            n_v, n_lv, n_k, n_q = _load_token(v, lambda_v, k, q, t0 + tl.minimum(i + 1, n_steps - 1),
+                                               i_h, o_p, o_s, m_p, m_s, H, P, S)
+            tl.store(p_scr_sigma + i * BS * BP + o_scr, b_sigma)
+            tl.store(p_scr_mu + i * BS * BP + o_scr, b_mu)
+            b_phi, b_r = _observation(b_v, b_lv, b_k)
+            b_sigma, b_mu, _, _ = _step(b_sigma, b_mu, b_phi, b_r, b_a, b_a2, b_noise, FAST_RCP)
         tl.debug_barrier()
-        for i in range(n_steps - 1, -1, -1):
+        # Reverse sweep; the next (earlier) step's inputs, cotangents and parked state are
+        # loaded one step ahead.
+        n_v, n_lv, n_k, n_q, n_gy, n_gv, n_sp, n_mp = _load_reverse_step(
+            v, lambda_v, k, q, d_y, d_yvar, p_scr_sigma, p_scr_mu, o_scr, t0, n_steps - 1,
+            i_h, o_p, o_s, m_p, m_s, H, P, S, BS, BP)
+        for ii in range(0, n_steps):
+            i = n_steps - 1 - ii
             t = t0 + i
+            b_v, b_lv, b_k, b_q, b_gy, b_gv, b_sp, b_mp = n_v, n_lv, n_k, n_q, n_gy, n_gv, n_sp, n_mp
+            n_v, n_lv, n_k, n_q, n_gy, n_gv, n_sp, n_mp = _load_reverse_step(
+                v, lambda_v, k, q, d_y, d_yvar, p_scr_sigma, p_scr_mu, o_scr, t0, tl.maximum(i - 1, 0),
+                i_h, o_p, o_s, m_p, m_s, H, P, S, BS, BP)
             o_tp = (t * H + i_h) * P + o_p
-            o_ts = (t * H + i_h) * S + o_s
-            b_v, b_lv, b_k, b_phi, b_r = _observe(v, lambda_v, k, t, i_h, o_p, o_s, m_p, m_s, H, P, S)
-            b_q = tl.load(q + o_ts, mask=m_s, other=0.0).to(tl.float32)
-            b_gy = tl.load(d_y + o_tp, mask=m_p, other=0.0).to(tl.float32)
-            b_gv = tl.load(d_yvar + o_tp, mask=m_p, other=0.0).to(tl.float32)
-            b_sp = tl.load(p_scr_sigma + i * BP * BS + o_scr)
-            b_mp = tl.load(p_scr_mu + i * BP * BS + o_scr)
-            b_vlv = b_v * b_lv
-            b_sigma, b_mu, b_iota = _step(b_sp, b_mp, b_phi, b_r, b_a, b_a2, b_noise)
-
-            b_M = b_gy[:, None] * b_q[None, :] + b_cM
-            b_S = b_gv[:, None] * (b_q * b_q)[None, :] + b_cS
+            b_gy, b_gv = b_gy.to(tl.float32), b_gv.to(tl.float32)
+            b_phi, b_r = _observation(b_v, b_lv, b_k)
+            b_sigma, b_mu, b_iota, _ = _step(b_sp, b_mp, b_phi, b_r, b_a, b_a2, b_noise, FAST_RCP)
+            b_q = b_q.to(tl.float32)
+            b_M = b_q[:, None] * b_gy[None, :] + b_cM
+            b_S = (b_q * b_q)[:, None] * b_gv[None, :] + b_cS
             # P̄ = ι(ι·S̄ + (r − φ·μ_t)·M̄), with r − φ·μ_t = ι·(r − φ·a·μ_{t−1}): the second
             # form avoids cancelling r against φ·μ_t ≈ r when observations are sharp.
             b_innov = b_r - b_phi * b_a * b_mp
@@ -230,49 +333,80 @@ def _kla_bwd_kernel(
                 b_Rmm = b_gmm * b_Rmm
                 b_Rss = b_gss * b_Rss
             else:
+                b_lv = b_lv.to(tl.float32)
+                b_vlv = b_v.to(tl.float32) * b_lv
+                b_kf = b_k.to(tl.float32)
                 b_dphi = -b_sigma * (b_sigma * b_S + b_mu * b_M)
                 b_dr = b_sigma * b_M
                 b_da += 2.0 * b_a * b_sp * b_P + b_iota * b_mp * b_M
                 b_dp += b_P
-                b_dvlv = tl.sum(b_dr * b_k[None, :], axis=1)
-                b_dlv = tl.sum(b_dphi * (b_k * b_k)[None, :], axis=1) + b_v * b_dvlv
+                b_dvlv = tl.sum(b_dr * b_kf[:, None], axis=0)
+                b_dlv = tl.sum(b_dphi * (b_kf * b_kf)[:, None], axis=0) + b_v.to(tl.float32) * b_dvlv
                 tl.store(d_v + o_tp, (b_lv * b_dvlv).to(d_v.dtype.element_ty), mask=m_p)
                 tl.store(d_lv + o_tp, b_dlv.to(d_lv.dtype.element_ty), mask=m_p)
-                b_dk = tl.sum(2.0 * b_lv[:, None] * b_k[None, :] * b_dphi + b_vlv[:, None] * b_dr, axis=0)
-                b_dq = tl.sum(b_gy[:, None] * b_mu + 2.0 * b_gv[:, None] * b_q[None, :] * b_sigma, axis=0)
+                # dk, dq sum over channels: within the program here, then either one partial
+                # row per channel block ([N_PBLOCKS, tokens, H, S], summed outside) or atomics.
+                b_dk = 2.0 * b_kf[:, None] * b_lv[None, :] * b_dphi + b_vlv[None, :] * b_dr
+                b_dq = b_gy[None, :] * b_mu + 2.0 * b_q[:, None] * b_gv[None, :] * b_sigma
+                o_ts = (t * H + i_h) * S
                 if DETERMINISTIC or N_PBLOCKS == 1:
-                    # One partial row per channel block: [N_PBLOCKS, tokens, H, S], summed outside.
-                    o_part = i_p.to(tl.int64) * n_tokens * H * S + o_ts
-                    tl.store(d_k + o_part, b_dk, mask=m_s)
-                    tl.store(d_q + o_part, b_dq, mask=m_s)
+                    o_ts += i_p.to(tl.int64) * n_tokens * H * S
+                if WARP_REDUCE:
+                    lane = tl.arange(0, BP)
+                    o_r, m_r = o_ts + (lane >> 1), (lane & 1) == 0
+                    _put(d_k + o_r, _warp_sum_16(b_dk, lane), m_r, ATOMIC)
+                    _put(d_q + o_r, _warp_sum_16(b_dq, lane), m_r, ATOMIC)
                 else:
-                    tl.atomic_add(d_k + o_ts, b_dk, mask=m_s, sem="relaxed")
-                    tl.atomic_add(d_q + o_ts, b_dq, mask=m_s, sem="relaxed")
+                    _put(d_k + o_ts + o_s, tl.sum(b_dk, axis=1), m_s, ATOMIC)
+                    _put(d_q + o_ts + o_s, tl.sum(b_dq, axis=1), m_s, ATOMIC)
+        tl.debug_barrier()
 
     if MAP_ONLY:
         n_state = tl.num_programs(0).to(tl.int64) // H * H * P * S
-        tl.store(map_q + o_state, b_Rmm, mask=m_ps)
-        tl.store(map_q + n_state + o_state, b_Rms, mask=m_ps)
-        tl.store(map_q + 2 * n_state + o_state, b_Rss, mask=m_ps)
-        tl.store(map_o + o_state, b_cM, mask=m_ps)
-        tl.store(map_o + n_state + o_state, b_cS, mask=m_ps)
+        tl.store(map_q + o_state, b_Rmm, mask=m_sp)
+        tl.store(map_q + n_state + o_state, b_Rms, mask=m_sp)
+        tl.store(map_q + 2 * n_state + o_state, b_Rss, mask=m_sp)
+        tl.store(map_o + o_state, b_cM, mask=m_sp)
+        tl.store(map_o + n_state + o_state, b_cS, mask=m_sp)
     else:
-        o_param = (i_n * H + i_h) * P * S + o_ps
-        tl.store(d_a + o_param, b_da, mask=m_ps)
-        tl.store(d_p + o_param, b_dp, mask=m_ps)
+        tl.store(d_a + o_state, b_da, mask=m_sp)
+        tl.store(d_p + o_state, b_dp, mask=m_sp)
         if USE_INITIAL_STATE:
-            b_lam = tl.load(lam0 + o_state, mask=m_ps, other=1.0).to(tl.float32)
-            b_eta = tl.load(eta0 + o_state, mask=m_ps, other=0.0).to(tl.float32)
+            b_lam = tl.load(lam0 + o_state, mask=m_sp, other=1.0).to(tl.float32)
+            b_eta = tl.load(eta0 + o_state, mask=m_sp, other=0.0).to(tl.float32)
             b_s0 = 1.0 / b_lam
             b_m0 = b_eta * b_s0
-            tl.store(d_lam0 + o_state, -b_s0 * (b_s0 * b_cS + b_m0 * b_cM), mask=m_ps)
-            tl.store(d_eta0 + o_state, b_s0 * b_cM, mask=m_ps)
+            tl.store(d_lam0 + o_state, -b_s0 * (b_s0 * b_cS + b_m0 * b_cM), mask=m_sp)
+            tl.store(d_eta0 + o_state, b_s0 * b_cM, mask=m_sp)
 
 
-def _blocks(P: int, S: int, lanes: int):
+def _blocks(P: int, S: int):
+    """(BP channels, BS states, warps) of a program: one thread per channel."""
     BS = triton.next_power_of_2(S)
-    BP = max(1, min(triton.next_power_of_2(P), lanes // BS))
-    return BP, BS
+    BP = min(triton.next_power_of_2(P), MAX_CHANNELS)
+    return BP, BS, max(1, BP // 32)
+
+
+def fast_rcp(x) -> bool:
+    """Compiled for a GPU (the interpreter cannot run inline PTX)."""
+    return x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
+
+
+def _kq_for_kernel(k, q):
+    """k, q upcast to fp32 once (if UPCAST_KQ): [B, L, H, S] is 1/P of the state, and the
+    kernels then skip a bf16 → fp32 conversion of each value in every program's step."""
+    return (k.float(), q.float()) if UPCAST_KQ else (k, q)
+
+
+def to_kernel(x):
+    """``[..., P, S]`` → the kernels' state-major ``[..., S, P]`` (channels contiguous, so a
+    thread's states load and store coalesced across the warp); ``None`` passes through."""
+    return None if x is None else x.transpose(-1, -2).contiguous()
+
+
+def from_kernel(x):
+    """Inverse of :func:`to_kernel`."""
+    return x.transpose(-1, -2).contiguous()
 
 
 def _prepare(v, cu_seqlens):
@@ -287,16 +421,18 @@ def kla_fwd(v, lambda_v, k, q, a, p, lam0, eta0, cu_seqlens, output_final_state,
     B, L, H, P = v.shape
     S = k.shape[-1]
     n_seq, T, cu, is_varlen = _prepare(v, cu_seqlens)
+    a, p, lam0, eta0 = (to_kernel(x) for x in (a, p, lam0, eta0))
+    k, q = _kq_for_kernel(k, q)
     y = torch.empty_like(v)
     y_var = torch.empty_like(v)
-    state_shape = (n_seq, H, P, S)
+    state_shape = (n_seq, H, S, P)
     lam_t = v.new_empty(state_shape, dtype=torch.float32) if output_final_state else y
     eta_t = v.new_empty(state_shape, dtype=torch.float32) if output_final_state else y
     n_slots = n_seq + triton.cdiv(B * L, CHUNK)
-    ck_shape = (n_slots, H, P, S) if save_checkpoints else (1,)
+    ck_shape = (n_slots, H, S, P) if save_checkpoints else (1,)
     ck_sigma = v.new_empty(ck_shape, dtype=torch.float32)
     ck_mu = v.new_empty(ck_shape, dtype=torch.float32)
-    BP, BS = _blocks(P, S, FWD_LANES)
+    BP, BS, warps = _blocks(P, S)
     grid = (n_seq * H, triton.cdiv(P, BP))
     _kla_fwd_kernel[grid](
         v, lambda_v, k, q, a, p,
@@ -304,9 +440,9 @@ def kla_fwd(v, lambda_v, k, q, a, p, lam0, eta0, cu_seqlens, output_final_state,
         y, y_var, lam_t, eta_t, ck_sigma, ck_mu, cu,
         T, H=H, P=P, S=S, BP=BP, BS=BS, CHUNK=CHUNK,
         USE_INITIAL_STATE=lam0 is not None, STORE_FINAL_STATE=output_final_state,
-        SAVE_CHECKPOINTS=save_checkpoints, IS_VARLEN=is_varlen, num_warps=FWD_WARPS,
+        SAVE_CHECKPOINTS=save_checkpoints, IS_VARLEN=is_varlen, FAST_RCP=fast_rcp(v), num_warps=warps,
     )
-    final = (lam_t, eta_t) if output_final_state else None
+    final = (from_kernel(lam_t), from_kernel(eta_t)) if output_final_state else None
     return y, y_var, final, (ck_sigma, ck_mu)
 
 
@@ -320,11 +456,15 @@ def kla_bwd(v, lambda_v, k, q, a, p, lam0, eta0, final, checkpoints, cu_seqlens,
     B, L, H, P = v.shape
     S = k.shape[-1]
     n_seq, T, cu, is_varlen = _prepare(v, cu_seqlens)
-    BP, BS = _blocks(P, S, BWD_LANES)
+    a_dtype, p_dtype, k_dtype, q_dtype = a.dtype, p.dtype, k.dtype, q.dtype
+    a, p, lam0, eta0 = (to_kernel(x) for x in (a, p, lam0, eta0))
+    k, q = _kq_for_kernel(k, q)
+    final = tuple(map(to_kernel, final)) if final is not None else None
+    BP, BS, warps = _blocks(P, S)
     n_pblocks = triton.cdiv(P, BP)
     partial = deterministic or n_pblocks == 1
     f32 = dict(dtype=torch.float32, device=v.device)
-    state_shape = (n_seq, H, P, S)
+    state_shape = (n_seq, H, S, P)
     dummy = torch.empty(1, **f32)
     if map_only:
         d_v = d_lv = d_k = d_q = d_a = d_p = d_lam0 = d_eta0 = dummy
@@ -339,16 +479,16 @@ def kla_bwd(v, lambda_v, k, q, a, p, lam0, eta0, final, checkpoints, cu_seqlens,
         d_eta0 = torch.empty(state_shape, **f32) if lam0 is not None else dummy
         map_q = map_o = dummy
     if end_adjoint is not None:
-        mode, end_a, end_b = 2, end_adjoint[0].contiguous(), end_adjoint[1].contiguous()
+        mode, end_a, end_b = 2, to_kernel(end_adjoint[0]), to_kernel(end_adjoint[1])
     elif d_lam_t is not None or d_eta_t is not None:
         mode = 1
-        end_a = torch.zeros_like(final[0]) if d_lam_t is None else d_lam_t.contiguous()
-        end_b = torch.zeros_like(final[1]) if d_eta_t is None else d_eta_t.contiguous()
+        end_a = torch.zeros_like(final[0]) if d_lam_t is None else to_kernel(d_lam_t)
+        end_b = torch.zeros_like(final[1]) if d_eta_t is None else to_kernel(d_eta_t)
     else:
         mode, end_a, end_b = 0, dummy, dummy
     lam_t, eta_t = final if final is not None else (dummy, dummy)
     grid = (n_seq * H, n_pblocks)
-    scratch = torch.empty(grid[0] * grid[1] * 2 * CHUNK * BP * BS, **f32)
+    scratch = torch.empty(grid[0] * grid[1] * 2 * CHUNK * BS * BP, **f32)
     _kla_bwd_kernel[grid](
         v, lambda_v, k, q, a, p,
         lam0 if lam0 is not None else dummy, eta0 if eta0 is not None else dummy, lam_t, eta_t,
@@ -358,15 +498,16 @@ def kla_bwd(v, lambda_v, k, q, a, p, lam0, eta0, final, checkpoints, cu_seqlens,
         T, B * L, H=H, P=P, S=S, BP=BP, BS=BS, CHUNK=CHUNK,
         USE_INITIAL_STATE=lam0 is not None, END_ADJOINT=mode,
         IS_VARLEN=is_varlen, DETERMINISTIC=deterministic, N_PBLOCKS=n_pblocks, MAP_ONLY=map_only,
-        num_warps=BWD_WARPS,
+        FAST_RCP=fast_rcp(v), WARP_REDUCE=fast_rcp(v) and WARP_REDUCE and BS == 16 and BP == 32,
+        num_warps=warps,
     )
     if map_only:
-        return map_q, map_o
+        return from_kernel(map_q), from_kernel(map_o)
     if partial:
-        d_k, d_q = d_k.sum(0), d_q.sum(0)
-    d_k = d_k.view(B, L, H, S).to(k.dtype)
-    d_q = d_q.view(B, L, H, S).to(q.dtype)
-    d_a = d_a.sum(0).to(a.dtype)
-    d_p = d_p.sum(0).to(p.dtype)
-    d_state = (d_lam0, d_eta0) if lam0 is not None else (None, None)
+        d_k, d_q = (d_k[0], d_q[0]) if n_pblocks == 1 else (d_k.sum(0), d_q.sum(0))
+    d_k = d_k.view(B, L, H, S).to(k_dtype)
+    d_q = d_q.view(B, L, H, S).to(q_dtype)
+    d_a = from_kernel(d_a.sum(0)).to(a_dtype)
+    d_p = from_kernel(d_p.sum(0)).to(p_dtype)
+    d_state = (from_kernel(d_lam0), from_kernel(d_eta0)) if lam0 is not None else (None, None)
     return d_v, d_lv, d_k, d_q, d_a, d_p, *d_state

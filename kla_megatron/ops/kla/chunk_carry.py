@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk import _blocks, _dynamics, _lanes, _prepare, _seq_bounds, kla_bwd, kla_fwd
+from .chunk import (_blocks, _dynamics, _lanes, _load_token, _prepare, _seq_bounds, _state_offsets,
+                    from_kernel, kla_bwd, kla_fwd, to_kernel)
 
 RESCALE_EVERY = 8
 
@@ -29,18 +30,18 @@ def _kla_transform_kernel(
     i_nh, i_p = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos = _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
-    o_p, o_s, m_p, m_s, m_ps, o_ps = _lanes(i_p, P, S, BP, BS)
-    b_a, b_a2, b_noise = _dynamics(a, p, i_h, o_ps, m_ps, P, S)
-    one = tl.full([BP, BS], 1.0, tl.float32)
-    zero = tl.zeros([BP, BS], tl.float32)
+    o_p, o_s, m_p, m_s, m_sp = _lanes(i_p, P, S, BP, BS)
+    b_a, b_a2, b_noise = _dynamics(a, p, i_h, o_p, o_s, m_sp, H, P, S)
+    one = tl.full([BS, BP], 1.0, tl.float32)
+    zero = tl.zeros([BS, BP], tl.float32)
     b_A, b_B, b_C, b_D, b_E, b_F, b_G = one, zero, zero, one, zero, zero, one
+    # v·Λv arrives as one product (in the `v` slot, with Λv = 1 there is nothing to multiply).
+    n_vlv, n_lv, n_k, _ = _load_token(vlv, lambda_v, k, k, bos, i_h, o_p, o_s, m_p, m_s, H, P, S)
     for t in range(bos, eos):
-        o_tp = (t * H + i_h) * P + o_p
-        b_lv = tl.load(lambda_v + o_tp, mask=m_p, other=0.0).to(tl.float32)
-        b_vlv = tl.load(vlv + o_tp, mask=m_p, other=0.0).to(tl.float32)
-        b_k = tl.load(k + (t * H + i_h) * S + o_s, mask=m_s, other=0.0).to(tl.float32)
-        b_phi = b_lv[:, None] * (b_k * b_k)[None, :]
-        b_r = b_vlv[:, None] * b_k[None, :]  # v·Λv arrives as one product here
+        b_vlv, b_lv, b_k = n_vlv.to(tl.float32), n_lv.to(tl.float32), n_k.to(tl.float32)
+        n_vlv, n_lv, n_k, _ = _load_token(vlv, lambda_v, k, k, tl.minimum(t + 1, eos - 1), i_h, o_p, o_s, m_p, m_s, H, P, S)
+        b_phi = (b_k * b_k)[:, None] * b_lv[None, :]
+        b_r = b_k[:, None] * b_vlv[None, :]
         b_u = 1.0 + b_noise * b_phi
         b_w = b_phi * b_a2
         b_rp = b_r * b_noise
@@ -61,14 +62,14 @@ def _kla_transform_kernel(
             )
     b_s = 1.0 / (b_A + b_D)
     n_state = tl.num_programs(0).to(tl.int64) // H * H * P * S
-    o_state = (i_n * H + i_h) * P * S + o_ps
-    tl.store(out + o_state, b_A * b_s, mask=m_ps)
-    tl.store(out + n_state + o_state, b_B * b_s, mask=m_ps)
-    tl.store(out + 2 * n_state + o_state, b_C * b_s, mask=m_ps)
-    tl.store(out + 3 * n_state + o_state, b_D * b_s, mask=m_ps)
-    tl.store(out + 4 * n_state + o_state, b_E * b_s, mask=m_ps)
-    tl.store(out + 5 * n_state + o_state, b_F * b_s, mask=m_ps)
-    tl.store(out + 6 * n_state + o_state, b_G * b_s, mask=m_ps)
+    o_state = _state_offsets(i_n, i_h, o_p, o_s, H, P, S)
+    tl.store(out + o_state, b_A * b_s, mask=m_sp)
+    tl.store(out + n_state + o_state, b_B * b_s, mask=m_sp)
+    tl.store(out + 2 * n_state + o_state, b_C * b_s, mask=m_sp)
+    tl.store(out + 3 * n_state + o_state, b_D * b_s, mask=m_sp)
+    tl.store(out + 4 * n_state + o_state, b_E * b_s, mask=m_sp)
+    tl.store(out + 5 * n_state + o_state, b_F * b_s, mask=m_sp)
+    tl.store(out + 6 * n_state + o_state, b_G * b_s, mask=m_sp)
 
 
 def triton_chunk_transforms(v_lambda_v, lambda_v, k, a, p, *, cu_seqlens=None):
@@ -79,12 +80,13 @@ def triton_chunk_transforms(v_lambda_v, lambda_v, k, a, p, *, cu_seqlens=None):
     v_lambda_v, lambda_v, k = (x.contiguous() for x in (v_lambda_v, lambda_v, k))
     a, p = a.float().contiguous(), p.float().contiguous()
     n_seq, T, cu, is_varlen = _prepare(v_lambda_v, cu_seqlens)
-    out = torch.empty(7, n_seq, H, P, S, dtype=torch.float32, device=v_lambda_v.device)
-    BP, BS = _blocks(P, S, 128)
+    a, p = to_kernel(a), to_kernel(p)
+    out = torch.empty(7, n_seq, H, S, P, dtype=torch.float32, device=v_lambda_v.device)
+    BP, BS, warps = _blocks(P, S)
     grid = (n_seq * H, triton.cdiv(P, BP))
     _kla_transform_kernel[grid](v_lambda_v, lambda_v, k, a, p, out, cu, T, H=H, P=P, S=S, BP=BP, BS=BS,
-                                RESCALE_EVERY=RESCALE_EVERY, IS_VARLEN=is_varlen, num_warps=4)
-    return out
+                                RESCALE_EVERY=RESCALE_EVERY, IS_VARLEN=is_varlen, num_warps=warps)
+    return from_kernel(out)
 
 
 def triton_end_adjoint_maps(v, lambda_v, k, q, a, p, grad_y, grad_y_var, initial_state, *,

@@ -31,46 +31,47 @@ def torch_kla_step(v, lambda_v, k, q, a, p, lam, eta):
 
 
 if triton is not None:
-    from .chunk import _dynamics, _lanes
+    from .chunk import _blocks, _dynamics, _lanes, _state_offsets, from_kernel, to_kernel
 
     @triton.jit
     def _kla_step_kernel(
         v, lambda_v, k, q, a, p, lam, eta, y, y_var, lam_out, eta_out,
         H: tl.constexpr, P: tl.constexpr, S: tl.constexpr, BP: tl.constexpr, BS: tl.constexpr,
     ):
+        # Same [BS states, BP channels] lane blocks as the training kernels (chunk.py).
         i_bh, i_p = tl.program_id(0), tl.program_id(1)
-        i_h = i_bh % H
-        o_p, o_s, m_p, m_s, m_ps, o_ps = _lanes(i_p, P, S, BP, BS)
-        b_a, b_a2, b_noise = _dynamics(a, p, i_h, o_ps, m_ps, P, S)
-        o_state = i_bh * P * S + o_ps
-        b_lam = tl.load(lam + o_state, mask=m_ps, other=1.0).to(tl.float32)
-        b_eta = tl.load(eta + o_state, mask=m_ps, other=0.0).to(tl.float32)
+        i_b, i_h = i_bh // H, i_bh % H
+        o_p, o_s, m_p, m_s, m_sp = _lanes(i_p, P, S, BP, BS)
+        b_a, b_a2, b_noise = _dynamics(a, p, i_h, o_p, o_s, m_sp, H, P, S)
+        o_state = _state_offsets(i_b, i_h, o_p, o_s, H, P, S)
+        b_lam = tl.load(lam + o_state, mask=m_sp, other=1.0).to(tl.float32)
+        b_eta = tl.load(eta + o_state, mask=m_sp, other=0.0).to(tl.float32)
         b_v = tl.load(v + i_bh * P + o_p, mask=m_p, other=0.0).to(tl.float32)
         b_lv = tl.load(lambda_v + i_bh * P + o_p, mask=m_p, other=0.0).to(tl.float32)
         b_k = tl.load(k + i_bh * S + o_s, mask=m_s, other=0.0).to(tl.float32)
         b_q = tl.load(q + i_bh * S + o_s, mask=m_s, other=0.0).to(tl.float32)
         b_inv_d = 1.0 / (b_a2 + b_noise * b_lam)
-        b_lam = b_lam * b_inv_d + b_lv[:, None] * (b_k * b_k)[None, :]
-        b_eta = b_a * b_inv_d * b_eta + (b_v * b_lv)[:, None] * b_k[None, :]
+        b_lam = b_lam * b_inv_d + (b_k * b_k)[:, None] * b_lv[None, :]
+        b_eta = b_a * b_inv_d * b_eta + b_k[:, None] * (b_v * b_lv)[None, :]
         b_sigma = 1.0 / b_lam
-        b_y = tl.sum(b_q[None, :] * b_eta * b_sigma, axis=1)
-        b_yv = tl.sum((b_q * b_q)[None, :] * b_sigma, axis=1)
+        b_y = tl.sum(b_q[:, None] * b_eta * b_sigma, axis=0)
+        b_yv = tl.sum((b_q * b_q)[:, None] * b_sigma, axis=0)
         tl.store(y + i_bh * P + o_p, b_y.to(y.dtype.element_ty), mask=m_p)
         tl.store(y_var + i_bh * P + o_p, b_yv.to(y_var.dtype.element_ty), mask=m_p)
-        tl.store(lam_out + o_state, b_lam.to(lam_out.dtype.element_ty), mask=m_ps)
-        tl.store(eta_out + o_state, b_eta.to(eta_out.dtype.element_ty), mask=m_ps)
+        tl.store(lam_out + o_state, b_lam.to(lam_out.dtype.element_ty), mask=m_sp)
+        tl.store(eta_out + o_state, b_eta.to(eta_out.dtype.element_ty), mask=m_sp)
 
 
 def triton_kla_step(v, lambda_v, k, q, a, p, lam, eta):
     """Fused decode step; same contract as :func:`torch_kla_step` (state fp32, updated out of place)."""
     B, H, P = v.shape
     S = k.shape[-1]
-    v, lambda_v, k, q, a, p, lam, eta = (x.contiguous() for x in (v, lambda_v, k, q, a, p, lam, eta))
+    v, lambda_v, k, q = (x.contiguous() for x in (v, lambda_v, k, q))
+    a, p, lam, eta = (to_kernel(x) for x in (a, p, lam, eta))
     y, y_var = torch.empty_like(v), torch.empty_like(v)
     lam_out, eta_out = torch.empty_like(lam), torch.empty_like(eta)
-    BS = triton.next_power_of_2(S)
-    BP = max(1, min(triton.next_power_of_2(P), 1024 // BS))
+    BP, BS, warps = _blocks(P, S)
     grid = (B * H, triton.cdiv(P, BP))
     _kla_step_kernel[grid](v, lambda_v, k, q, a, p, lam, eta, y, y_var, lam_out, eta_out,
-                           H=H, P=P, S=S, BP=BP, BS=BS, num_warps=4)
-    return y, y_var, lam_out, eta_out
+                           H=H, P=P, S=S, BP=BP, BS=BS, num_warps=warps)
+    return y, y_var, from_kernel(lam_out), from_kernel(eta_out)

@@ -209,8 +209,8 @@ def triton_kla_scan(v, lambda_v, k, q, a, p, initial_state=None, output_final_st
     lam0, eta0 = (s.float().contiguous() for s in initial_state) if initial_state is not None else (None, None)
     B, L, H, P = v.shape
     if cu_seqlens is None and segment_len is None:
-        n_programs = B * H * triton.cdiv(P, chunk._blocks(P, k.shape[-1], chunk.FWD_LANES)[0])
-        segment_len = choose_segment_len(n_programs, L, v.device)
+        BP, _, warps = chunk._blocks(P, k.shape[-1])
+        segment_len = choose_segment_len(B * H * triton.cdiv(P, BP) * warps, L, v.device)
     if cu_seqlens is None and segment_len is not None and segment_len < L:
         if segment_len % CHUNK:
             raise ValueError(f"segment_len must be a multiple of {CHUNK}, got {segment_len}")
