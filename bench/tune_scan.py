@@ -45,10 +45,8 @@ def _ms(fn, **kw):
 
 
 def _scan():
-    try:
-        from kla_megatron.ops.kla.triton_scan import triton_kla_scan
-    except ImportError:
-        from kla_megatron.ops.kla.chunk import triton_kla_scan
+    from kla_megatron.ops.kla.triton_scan import triton_kla_scan
+
     return triton_kla_scan
 
 

@@ -10,7 +10,7 @@ import torch
 
 from kla_megatron.ops.kla import carry, kla_decode_step, kla_scan
 from kla_megatron.ops.kla import transform as tr
-from kla_megatron.ops.kla.chunk import triton_kla_scan
+from kla_megatron.ops.kla.triton_scan import triton_kla_scan
 from kla_megatron.ops.kla.chunk_carry import triton_chunk_transforms, triton_end_adjoint_maps
 
 from .kla_inputs import assert_close_all, make_inputs, outputs_and_grads, rel_err, upcast

@@ -471,6 +471,14 @@ class KLAMixer(MegatronModule):
         return sharded
 
 
+def _eager_uncaptured(device) -> bool:
+    """Whether host syncs are allowed: not while torch.compile traces (a graph break; checked
+    first, so the capture query is never traced) nor while a CUDA graph is captured (an error)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
 def _packing(packed_seq_params, b: int, s: int, device):
     """cu_seqlens and each token's position inside its document, or (None, None)."""
     if packed_seq_params is None:
@@ -478,7 +486,7 @@ def _packing(packed_seq_params, b: int, s: int, device):
     cu = packed_seq_params.cu_seqlens_q
     if b != 1:
         raise ValueError(f"KLAMixer: packed sequences need micro-batch size 1 (b=1), got b={b}")
-    if int(cu[-1]) != s:
+    if _eager_uncaptured(device) and int(cu[-1]) != s:
         raise ValueError(f"KLAMixer: cu_seqlens must end at the sequence length {s}, got {cu.tolist()}")
     cu = cu.to(device=device, dtype=torch.long)
     positions = torch.arange(s, device=device)

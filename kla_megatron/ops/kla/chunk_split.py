@@ -11,6 +11,10 @@ backward: adjoint maps (Q, o) of every segment (§6) → suffix composition per 
 
 The carries are composed from normalised transforms, so the fp32 drift of a long
 sequential scan (a ≈ 1, p ≈ 0; §8) is bounded by the segment length instead of L.
+
+:func:`split_fwd` and :func:`split_bwd` are the bodies of the ``kla::split_fwd`` /
+``kla::split_bwd`` custom ops of :mod:`.triton_scan`. They read nothing back to the host, so
+they can run inside a CUDA graph.
 """
 from __future__ import annotations
 
@@ -26,12 +30,25 @@ def _cdiv(x: int, y: int) -> int:
     return -(-x // y)
 
 
+_SM_COUNT: dict = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    # Cached per device: the property query is a driver call on every forward otherwise.
+    if device.type != "cuda":
+        return 132  # an H200's, so CPU runs (interpreter) pick the same splits
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
 def choose_segment_len(n_warps: int, L: int, device: torch.device):
     """A segment length (multiple of CHUNK, ≥ 4 chunks) when the ``n_warps`` warps of the
     unsplit scan leave a scheduler idle (< 4 per SM), or None. Splits aim at 8 warps per SM:
     at B1·L32768·M4096 on an H200 8 segments ran 34 ms forward+backward, 5 segments 46 ms,
     16 segments 34 ms (bench/README.md, run 4)."""
-    n_sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    n_sm = _sm_count(device)
     n_segments = min(_cdiv(8 * n_sm, n_warps), L // (4 * CHUNK))
     if n_warps >= 4 * n_sm or n_segments < 2:
         return None
@@ -39,8 +56,11 @@ def choose_segment_len(n_warps: int, L: int, device: torch.device):
 
 
 def _segment_offsets(B: int, L: int, seg: int, device):
-    bounds = [b * L + s for b in range(B) for s in range(0, L, seg)] + [B * L]
-    return torch.tensor(bounds, dtype=torch.int32, device=device), -(-L // seg)
+    """cu_seqlens of all segments ``[B·n_seg + 1]``, built on the device (a host list would be
+    a host-to-device copy, which CUDA-graph capture forbids)."""
+    starts = torch.arange(0, B * L, L, dtype=torch.int32, device=device)[:, None]
+    bounds = (starts + torch.arange(0, L, seg, dtype=torch.int32, device=device)).flatten()
+    return torch.cat([bounds, bounds.new_full((1,), B * L)]), _cdiv(L, seg)
 
 
 def _start_states(transforms, lam0, eta0, B, n_seg):
@@ -67,48 +87,42 @@ def _end_adjoints(q_map, o_map, last_end, B, n_seg):
     return torch.stack(ends[::-1], 2).flatten(1, 2)
 
 
-class KLASplitScanFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, v, lambda_v, k, q, a, p, lam0, eta0, segment_len, output_final_state, deterministic):
-        B, L, H, P = v.shape
-        S = k.shape[-1]
-        cu, n_seg = _segment_offsets(B, L, segment_len, v.device)
-        ctx.has_state, ctx.deterministic = lam0 is not None, deterministic
-        if lam0 is None:
-            lam0 = torch.ones(B, H, P, S, dtype=torch.float32, device=v.device)
-            eta0 = torch.zeros_like(lam0)
-        transforms = triton_chunk_transforms(v * lambda_v, lambda_v, k, a, p, cu_seqlens=cu)
-        starts = _start_states(transforms, lam0, eta0, B, n_seg)
-        y, y_var, finals, ck = kla_fwd(v, lambda_v, k, q, a, p, *starts, cu, True, True)
-        ctx.save_for_backward(v, lambda_v, k, q, a, p, *starts, *finals, *ck, cu)
-        ctx.n_seg = n_seg
-        if output_final_state:
-            lam_t, eta_t = (f.unflatten(0, (B, n_seg))[:, -1] for f in finals)
-            return y, y_var, lam_t, eta_t
-        return y, y_var, None, None
+def split_fwd(v, lambda_v, k, q, a, p, lam0, eta0, segment_len):
+    """Forward over segments (inputs contiguous, a/p/state fp32; ``lam0`` may be None).
 
-    @staticmethod
-    def backward(ctx, d_y, d_yvar, d_lam_t, d_eta_t):
-        v, lambda_v, k, q, a, p, lam_s, eta_s, lam_f, eta_f, ck_sigma, ck_mu, cu = ctx.saved_tensors
-        B, n_seg = v.shape[0], ctx.n_seg
-        d_y, d_yvar = d_y.contiguous(), d_yvar.contiguous()
-        # Adjoint of each segment's final state: zero except the rows' last segments.
-        end = torch.zeros(2, *lam_f.shape, dtype=torch.float32, device=v.device)
-        if d_lam_t is not None or d_eta_t is not None:
-            last = (lam_f.unflatten(0, (B, n_seg))[:, -1], eta_f.unflatten(0, (B, n_seg))[:, -1])
-            d_lam = torch.zeros_like(last[0]) if d_lam_t is None else d_lam_t
-            d_eta = torch.zeros_like(last[1]) if d_eta_t is None else d_eta_t
-            end.unflatten(1, (B, n_seg))[:, :, -1] = info_to_adjoint(d_lam, d_eta, *last)
-        ck = (ck_sigma, ck_mu)
-        args = (v, lambda_v, k, q, a, p, lam_s, eta_s, (lam_f, eta_f), ck, cu, d_y, d_yvar, None, None)
-        q_map, o_map = kla_bwd(*args, deterministic=True, end_adjoint=end, map_only=True)
-        ends = _end_adjoints(q_map, o_map, end.unflatten(1, (B, n_seg))[:, :, -1], B, n_seg)
-        d_v, d_lv, d_k, d_q, d_a, d_p, d_lam0, d_eta0 = kla_bwd(
-            *args, deterministic=ctx.deterministic, end_adjoint=ends
-        )
-        if ctx.has_state:
-            first = slice(None, None, n_seg)  # segment 0 of every row starts from the user's state
-            d_lam0, d_eta0 = d_lam0[first], d_eta0[first]
-        else:
-            d_lam0 = d_eta0 = None
-        return d_v, d_lv, d_k, d_q, d_a, d_p, d_lam0, d_eta0, None, None, None
+    Returns ``(y, y_var, lam_f, eta_f, lam_s, eta_s, ck_sigma, ck_mu)``: the final and start
+    states of every segment ``[B·n_seg, H, P, S]`` (a row's final state is its last segment's)
+    and the forward checkpoints; all but y, y_var are kept for :func:`split_bwd`.
+    """
+    B, L, H, P = v.shape
+    S = k.shape[-1]
+    cu, n_seg = _segment_offsets(B, L, segment_len, v.device)
+    if lam0 is None:
+        lam0 = torch.ones(B, H, P, S, dtype=torch.float32, device=v.device)
+        eta0 = torch.zeros_like(lam0)
+    transforms = triton_chunk_transforms(v * lambda_v, lambda_v, k, a, p, cu_seqlens=cu)
+    lam_s, eta_s = _start_states(transforms, lam0, eta0, B, n_seg)
+    y, y_var, (lam_f, eta_f), ck = kla_fwd(v, lambda_v, k, q, a, p, lam_s, eta_s, cu, True, True)
+    return y, y_var, lam_f, eta_f, lam_s, eta_s, *ck
+
+
+def split_bwd(v, lambda_v, k, q, a, p, lam_s, eta_s, lam_f, eta_f, ck_sigma, ck_mu,
+              d_y, d_yvar, d_lam_t, d_eta_t, segment_len, deterministic):
+    """Gradients of :func:`split_fwd`; ``d_lam_t``, ``d_eta_t`` ``[B, H, P, S]`` (or None) are the
+    cotangents of the rows' final states. Returns the 6 input gradients and those of the rows'
+    initial state ``[B, H, P, S]``."""
+    B, L = v.shape[:2]
+    cu, n_seg = _segment_offsets(B, L, segment_len, v.device)
+    # Adjoint of each segment's final state: zero except the rows' last segments.
+    end = torch.zeros(2, *lam_f.shape, dtype=torch.float32, device=v.device)
+    if d_lam_t is not None or d_eta_t is not None:
+        last = (lam_f.unflatten(0, (B, n_seg))[:, -1], eta_f.unflatten(0, (B, n_seg))[:, -1])
+        d_lam = torch.zeros_like(last[0]) if d_lam_t is None else d_lam_t
+        d_eta = torch.zeros_like(last[1]) if d_eta_t is None else d_eta_t
+        end.unflatten(1, (B, n_seg))[:, :, -1] = info_to_adjoint(d_lam, d_eta, *last)
+    args = (v, lambda_v, k, q, a, p, lam_s, eta_s, (lam_f, eta_f), (ck_sigma, ck_mu), cu, d_y, d_yvar, None, None)
+    q_map, o_map = kla_bwd(*args, deterministic=True, end_adjoint=end, map_only=True)
+    ends = _end_adjoints(q_map, o_map, end.unflatten(1, (B, n_seg))[:, :, -1], B, n_seg)
+    d_v, d_lv, d_k, d_q, d_a, d_p, d_lam_s, d_eta_s = kla_bwd(*args, deterministic=deterministic, end_adjoint=ends)
+    # Segment 0 of every row starts from the rows' initial state.
+    return d_v, d_lv, d_k, d_q, d_a, d_p, d_lam_s[::n_seg].contiguous(), d_eta_s[::n_seg].contiguous()

@@ -153,7 +153,8 @@ def kla_scan(
             the filter restarts from ``initial_state[n]`` at every document start.
         backend: ``"naive"`` (sequential reference), ``"torch"`` (parallel PyTorch),
             ``"triton"`` (CUDA kernels) or ``"auto"`` (Triton on CUDA, else torch).
-        check_values: check value constraints (reads back to host; off inside layers).
+        check_values: check value constraints (reads back to host: off inside layers, under
+            torch.compile and in CUDA graphs).
         deterministic: Triton backward without atomics (bitwise reproducible).
 
     Returns:
@@ -182,7 +183,7 @@ def kla_scan(
         return naive_kla_scan(*args)
     if backend == "torch":
         return torch_kla_scan(*args)
-    from .chunk import triton_kla_scan
+    from .triton_scan import triton_kla_scan
 
     return triton_kla_scan(*args, deterministic=deterministic)
 
