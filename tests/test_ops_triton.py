@@ -179,6 +179,15 @@ def test_gpu_bf16_within_rounding():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("shape", [(2, 300, 3, 40, 12), (1, 257, 2, 64, 16)], ids=["S12-P40", "S16-P64"])
+def test_gpu_warp_reduced_dk_dq(shape, deterministic):
+    # The GPU-only warp reduce-scatter of dk/dq (S ≤ 16 padded to 16, 32-channel blocks, a
+    # partial last block): every gradient vs float64, atomics and partial-buffer modes.
+    _check(shape, "default", 48, device="cuda", deterministic=deterministic)
+
+
+@pytest.mark.gpu
 def test_gpu_deterministic_mode_is_bitwise_reproducible():
     x = _to(make_inputs(2, 1024, 4, 64, 16, seed=45, dtype=torch.float32), "cuda")
     scan = functools.partial(kla_scan, backend="triton", deterministic=True)

@@ -353,7 +353,7 @@ def _kla_bwd_kernel(
                     o_ts += i_p.to(tl.int64) * n_tokens * H * S
                 if WARP_REDUCE:
                     lane = tl.arange(0, BP)
-                    o_r, m_r = o_ts + (lane >> 1), (lane & 1) == 0
+                    o_r, m_r = o_ts + (lane >> 1), ((lane & 1) == 0) & ((lane >> 1) < S)
                     _put(d_k + o_r, _warp_sum_16(b_dk, lane), m_r, ATOMIC)
                     _put(d_q + o_r, _warp_sum_16(b_dq, lane), m_r, ATOMIC)
                 else:
