@@ -5,8 +5,9 @@
 
 Knobs (attributes of ``kla_megatron.ops.kla.chunk``): ``MAX_CHANNELS`` (channels per
 program, one thread each), ``UPCAST_KQ`` (k, q upcast to fp32 before the kernels),
-``WARP_REDUCE`` (dk/dq channel sums by warp reduce-scatter). ``--segments`` times the whole
-forward+backward of ``triton_kla_scan`` at the given time-split segment lengths (0 = auto).
+``WARP_REDUCE`` (dk/dq channel sums by warp reduce-scatter), ``BWD_SUBCHUNK`` (two-level
+backward replay). ``--segments`` times the whole forward+backward of ``triton_kla_scan`` at
+the given time-split segment lengths (0 = auto).
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ VARIANTS = {
     "64-channels": {"MAX_CHANNELS": 64},
     "kq-fp32": {"UPCAST_KQ": True},
     "tl.sum-dk": {"WARP_REDUCE": False},
+    "subchunk-8": {"BWD_SUBCHUNK": 8},
+    "subchunk-4": {"BWD_SUBCHUNK": 4},
 }
 
 

@@ -206,6 +206,17 @@ def test_gpu_no_nan_in_extreme_regimes(regime):
         assert torch.isfinite(t).all(), name
 
 
+@pytest.mark.parametrize("sub", [4, 8])
+def test_two_level_backward_replay_matches_naive(monkeypatch, sub):
+    # chunk.BWD_SUBCHUNK: the backward parks sub-block start states, then SUB steps at a time;
+    # odd lengths and packed documents put partial sub-blocks and chunks everywhere.
+    from kla_megatron.ops.kla import chunk
+
+    monkeypatch.setattr(chunk, "BWD_SUBCHUNK", sub)
+    _check((1, 77, 2, 5, 3), "lv_wide", 35, cu=[0, 9, 40, 77])
+    _check((2, 70, 1, 40, 4), "a_near_one", 36, deterministic=True)
+
+
 def test_segment_length_rule():
     from kla_megatron.ops.kla.chunk_split import choose_segment_len
 

@@ -48,6 +48,11 @@ MAX_CHANNELS = 32
 UPCAST_KQ = False  # measured slower (bench/README.md run 4)
 # dk/dq channel sums by warp reduce-scatter (inline PTX shuffles: GPU, S = 16, 32 channels).
 WARP_REDUCE = True
+# Backward replay depth: 0 parks all CHUNK prior states per program (measured default); a
+# divisor of CHUNK parks the sub-block starts first and then SUB states at a time, a 4×
+# smaller scratch (128 KB → 32 KB per one-warp program at S = 16) that can stay in L2, for one
+# more forward replay. Not yet measured on a GPU (bench/README.md, "Against the targets").
+BWD_SUBCHUNK = 0
 
 
 @triton.jit
@@ -243,7 +248,7 @@ def _kla_bwd_kernel(
     BP: tl.constexpr, BS: tl.constexpr, CHUNK: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, END_ADJOINT: tl.constexpr,
     IS_VARLEN: tl.constexpr, DETERMINISTIC: tl.constexpr, N_PBLOCKS: tl.constexpr,
-    MAP_ONLY: tl.constexpr, FAST_RCP: tl.constexpr, WARP_REDUCE: tl.constexpr,
+    MAP_ONLY: tl.constexpr, FAST_RCP: tl.constexpr, WARP_REDUCE: tl.constexpr, SUB: tl.constexpr,
 ):
     # END_ADJOINT: 0 = none, 1 = cotangent of the final (lam, eta), 2 = adjoint of the final
     # (mu, sigma) given directly (time-split and context-parallel carries).
@@ -277,9 +282,12 @@ def _kla_bwd_kernel(
     b_Rmm = tl.full([BS, BP], 1.0, tl.float32)
     b_Rms = tl.zeros([BS, BP], tl.float32)
     b_Rss = tl.full([BS, BP], 1.0, tl.float32)
+    # Scratch per program: the prior states of the SUB steps being reversed, then (SUB < CHUNK)
+    # the state at each sub-block start of the current chunk.
     i_prog = i_nh.to(tl.int64) * N_PBLOCKS + i_p
-    p_scr_sigma = scratch + i_prog * 2 * CHUNK * BS * BP
-    p_scr_mu = p_scr_sigma + CHUNK * BS * BP
+    p_scr_sigma = scratch + i_prog * 2 * (SUB + CHUNK // SUB) * BS * BP
+    p_scr_mu = p_scr_sigma + SUB * BS * BP
+    p_sub = p_scr_mu + SUB * BS * BP
     o_scr = tl.multiple_of(o_s[:, None] * BP + tl.arange(0, BP)[None, :], [1, 1])  # see _state_offsets
     n_chunks = tl.cdiv(eos - bos, CHUNK)
     for j in range(n_chunks - 1, -1, -1):
@@ -288,78 +296,98 @@ def _kla_bwd_kernel(
         o_ck = _state_offsets(slot, i_h, o_p, o_s, H, P, S)
         b_sigma = tl.load(ck_sigma + o_ck, mask=m_sp, other=1.0)
         b_mu = tl.load(ck_mu + o_ck, mask=m_sp, other=0.0)
-        # Replay the chunk, parking each step's prior state in this program's scratch rows
-        # (written and read by the same program, so they stay hot in L2).
         n_steps = tl.minimum(CHUNK, eos - t0)
-        n_v, n_lv, n_k, n_q = _load_token(v, lambda_v, k, q, t0, i_h, o_p, o_s, m_p, m_s, H, P, S)
-        for i in range(0, n_steps):
-            b_v, b_lv, b_k = n_v, n_lv, n_k
-            n_v, n_lv, n_k, n_q = _load_token(v, lambda_v, k, q, t0 + tl.minimum(i + 1, n_steps - 1),
-                                               i_h, o_p, o_s, m_p, m_s, H, P, S)
-            tl.store(p_scr_sigma + i * BS * BP + o_scr, b_sigma)
-            tl.store(p_scr_mu + i * BS * BP + o_scr, b_mu)
-            b_phi, b_r = _observation(b_v, b_lv, b_k)
-            b_sigma, b_mu, _, _ = _step(b_sigma, b_mu, b_phi, b_r, b_a, b_a2, b_noise, FAST_RCP)
-        tl.debug_barrier()
-        # Reverse sweep; the next (earlier) step's inputs, cotangents and parked state are
-        # loaded one step ahead.
-        n_v, n_lv, n_k, n_q, n_gy, n_gv, n_sp, n_mp = _load_reverse_step(
-            v, lambda_v, k, q, d_y, d_yvar, p_scr_sigma, p_scr_mu, o_scr, t0, n_steps - 1,
-            i_h, o_p, o_s, m_p, m_s, H, P, S, BS, BP)
-        for ii in range(0, n_steps):
-            i = n_steps - 1 - ii
-            t = t0 + i
-            b_v, b_lv, b_k, b_q, b_gy, b_gv, b_sp, b_mp = n_v, n_lv, n_k, n_q, n_gy, n_gv, n_sp, n_mp
+        if SUB < CHUNK:
+            # Two-level replay: walk the chunk once parking only the sub-block start states,
+            # so the per-step scratch below is SUB (not CHUNK) steps deep and stays in L2.
+            n_v, n_lv, n_k, n_q = _load_token(v, lambda_v, k, q, t0, i_h, o_p, o_s, m_p, m_s, H, P, S)
+            for i in range(0, n_steps):
+                b_v, b_lv, b_k = n_v, n_lv, n_k
+                n_v, n_lv, n_k, n_q = _load_token(v, lambda_v, k, q, t0 + tl.minimum(i + 1, n_steps - 1),
+                                                  i_h, o_p, o_s, m_p, m_s, H, P, S)
+                if i % SUB == 0:
+                    tl.store(p_sub + (i // SUB) * 2 * BS * BP + o_scr, b_sigma)
+                    tl.store(p_sub + (i // SUB) * 2 * BS * BP + BS * BP + o_scr, b_mu)
+                b_phi, b_r = _observation(b_v, b_lv, b_k)
+                b_sigma, b_mu, _, _ = _step(b_sigma, b_mu, b_phi, b_r, b_a, b_a2, b_noise, FAST_RCP)
+            tl.debug_barrier()
+        for jb in range(tl.cdiv(n_steps, SUB) - 1, -1, -1):
+            tb = t0 + jb * SUB
+            nb = tl.minimum(SUB, n_steps - jb * SUB)
+            if SUB < CHUNK:
+                b_sigma = tl.load(p_sub + jb * 2 * BS * BP + o_scr)
+                b_mu = tl.load(p_sub + jb * 2 * BS * BP + BS * BP + o_scr)
+            # Replay the sub-block, parking each step's prior state in this program's scratch
+            # rows, then sweep it in reverse.
+            n_v, n_lv, n_k, n_q = _load_token(v, lambda_v, k, q, tb, i_h, o_p, o_s, m_p, m_s, H, P, S)
+            for i in range(0, nb):
+                b_v, b_lv, b_k = n_v, n_lv, n_k
+                n_v, n_lv, n_k, n_q = _load_token(v, lambda_v, k, q, tb + tl.minimum(i + 1, nb - 1),
+                                                   i_h, o_p, o_s, m_p, m_s, H, P, S)
+                tl.store(p_scr_sigma + i * BS * BP + o_scr, b_sigma)
+                tl.store(p_scr_mu + i * BS * BP + o_scr, b_mu)
+                b_phi, b_r = _observation(b_v, b_lv, b_k)
+                b_sigma, b_mu, _, _ = _step(b_sigma, b_mu, b_phi, b_r, b_a, b_a2, b_noise, FAST_RCP)
+            tl.debug_barrier()
+            # Reverse sweep; the next (earlier) step's inputs, cotangents and parked state are
+            # loaded one step ahead.
             n_v, n_lv, n_k, n_q, n_gy, n_gv, n_sp, n_mp = _load_reverse_step(
-                v, lambda_v, k, q, d_y, d_yvar, p_scr_sigma, p_scr_mu, o_scr, t0, tl.maximum(i - 1, 0),
+                v, lambda_v, k, q, d_y, d_yvar, p_scr_sigma, p_scr_mu, o_scr, tb, nb - 1,
                 i_h, o_p, o_s, m_p, m_s, H, P, S, BS, BP)
-            o_tp = (t * H + i_h) * P + o_p
-            b_gy, b_gv = b_gy.to(tl.float32), b_gv.to(tl.float32)
-            b_phi, b_r = _observation(b_v, b_lv, b_k)
-            b_sigma, b_mu, b_iota, _ = _step(b_sp, b_mp, b_phi, b_r, b_a, b_a2, b_noise, FAST_RCP)
-            b_q = b_q.to(tl.float32)
-            b_M = b_q[:, None] * b_gy[None, :] + b_cM
-            b_S = (b_q * b_q)[:, None] * b_gv[None, :] + b_cS
-            # P̄ = ι(ι·S̄ + (r − φ·μ_t)·M̄), with r − φ·μ_t = ι·(r − φ·a·μ_{t−1}): the second
-            # form avoids cancelling r against φ·μ_t ≈ r when observations are sharp.
-            b_innov = b_r - b_phi * b_a * b_mp
-            b_P = b_iota * b_iota * (b_S + b_innov * b_M)
-            b_cM = b_a * b_iota * b_M
-            b_cS = b_a2 * b_P
-            if MAP_ONLY:
-                b_gmm = b_a * b_iota
-                b_gss = b_a2 * b_iota * b_iota
-                b_Rms = b_gss * b_innov * b_Rmm + b_gss * b_Rms
-                b_Rmm = b_gmm * b_Rmm
-                b_Rss = b_gss * b_Rss
-            else:
-                b_lv = b_lv.to(tl.float32)
-                b_vlv = b_v.to(tl.float32) * b_lv
-                b_kf = b_k.to(tl.float32)
-                b_dphi = -b_sigma * (b_sigma * b_S + b_mu * b_M)
-                b_dr = b_sigma * b_M
-                b_da += 2.0 * b_a * b_sp * b_P + b_iota * b_mp * b_M
-                b_dp += b_P
-                b_dvlv = tl.sum(b_dr * b_kf[:, None], axis=0)
-                b_dlv = tl.sum(b_dphi * (b_kf * b_kf)[:, None], axis=0) + b_v.to(tl.float32) * b_dvlv
-                tl.store(d_v + o_tp, (b_lv * b_dvlv).to(d_v.dtype.element_ty), mask=m_p)
-                tl.store(d_lv + o_tp, b_dlv.to(d_lv.dtype.element_ty), mask=m_p)
-                # dk, dq sum over channels: within the program here, then either one partial
-                # row per channel block ([N_PBLOCKS, tokens, H, S], summed outside) or atomics.
-                b_dk = 2.0 * b_kf[:, None] * b_lv[None, :] * b_dphi + b_vlv[None, :] * b_dr
-                b_dq = b_gy[None, :] * b_mu + 2.0 * b_q[:, None] * b_gv[None, :] * b_sigma
-                o_ts = (t * H + i_h) * S
-                if DETERMINISTIC or N_PBLOCKS == 1:
-                    o_ts += i_p.to(tl.int64) * n_tokens * H * S
-                if WARP_REDUCE:
-                    lane = tl.arange(0, BP)
-                    o_r, m_r = o_ts + (lane >> 1), ((lane & 1) == 0) & ((lane >> 1) < S)
-                    _put(d_k + o_r, _warp_sum_16(b_dk, lane), m_r, ATOMIC)
-                    _put(d_q + o_r, _warp_sum_16(b_dq, lane), m_r, ATOMIC)
+            for ii in range(0, nb):
+                i = nb - 1 - ii
+                t = tb + i
+                b_v, b_lv, b_k, b_q, b_gy, b_gv, b_sp, b_mp = n_v, n_lv, n_k, n_q, n_gy, n_gv, n_sp, n_mp
+                n_v, n_lv, n_k, n_q, n_gy, n_gv, n_sp, n_mp = _load_reverse_step(
+                    v, lambda_v, k, q, d_y, d_yvar, p_scr_sigma, p_scr_mu, o_scr, tb, tl.maximum(i - 1, 0),
+                    i_h, o_p, o_s, m_p, m_s, H, P, S, BS, BP)
+                o_tp = (t * H + i_h) * P + o_p
+                b_gy, b_gv = b_gy.to(tl.float32), b_gv.to(tl.float32)
+                b_phi, b_r = _observation(b_v, b_lv, b_k)
+                b_sigma, b_mu, b_iota, _ = _step(b_sp, b_mp, b_phi, b_r, b_a, b_a2, b_noise, FAST_RCP)
+                b_q = b_q.to(tl.float32)
+                b_M = b_q[:, None] * b_gy[None, :] + b_cM
+                b_S = (b_q * b_q)[:, None] * b_gv[None, :] + b_cS
+                # P̄ = ι(ι·S̄ + (r − φ·μ_t)·M̄), with r − φ·μ_t = ι·(r − φ·a·μ_{t−1}): the second
+                # form avoids cancelling r against φ·μ_t ≈ r when observations are sharp.
+                b_innov = b_r - b_phi * b_a * b_mp
+                b_P = b_iota * b_iota * (b_S + b_innov * b_M)
+                b_cM = b_a * b_iota * b_M
+                b_cS = b_a2 * b_P
+                if MAP_ONLY:
+                    b_gmm = b_a * b_iota
+                    b_gss = b_a2 * b_iota * b_iota
+                    b_Rms = b_gss * b_innov * b_Rmm + b_gss * b_Rms
+                    b_Rmm = b_gmm * b_Rmm
+                    b_Rss = b_gss * b_Rss
                 else:
-                    _put(d_k + o_ts + o_s, tl.sum(b_dk, axis=1), m_s, ATOMIC)
-                    _put(d_q + o_ts + o_s, tl.sum(b_dq, axis=1), m_s, ATOMIC)
-        tl.debug_barrier()
+                    b_lv = b_lv.to(tl.float32)
+                    b_vlv = b_v.to(tl.float32) * b_lv
+                    b_kf = b_k.to(tl.float32)
+                    b_dphi = -b_sigma * (b_sigma * b_S + b_mu * b_M)
+                    b_dr = b_sigma * b_M
+                    b_da += 2.0 * b_a * b_sp * b_P + b_iota * b_mp * b_M
+                    b_dp += b_P
+                    b_dvlv = tl.sum(b_dr * b_kf[:, None], axis=0)
+                    b_dlv = tl.sum(b_dphi * (b_kf * b_kf)[:, None], axis=0) + b_v.to(tl.float32) * b_dvlv
+                    tl.store(d_v + o_tp, (b_lv * b_dvlv).to(d_v.dtype.element_ty), mask=m_p)
+                    tl.store(d_lv + o_tp, b_dlv.to(d_lv.dtype.element_ty), mask=m_p)
+                    # dk, dq sum over channels: within the program here, then either one partial
+                    # row per channel block ([N_PBLOCKS, tokens, H, S], summed outside) or atomics.
+                    b_dk = 2.0 * b_kf[:, None] * b_lv[None, :] * b_dphi + b_vlv[None, :] * b_dr
+                    b_dq = b_gy[None, :] * b_mu + 2.0 * b_q[:, None] * b_gv[None, :] * b_sigma
+                    o_ts = (t * H + i_h) * S
+                    if DETERMINISTIC or N_PBLOCKS == 1:
+                        o_ts += i_p.to(tl.int64) * n_tokens * H * S
+                    if WARP_REDUCE:
+                        lane = tl.arange(0, BP)
+                        o_r, m_r = o_ts + (lane >> 1), ((lane & 1) == 0) & ((lane >> 1) < S)
+                        _put(d_k + o_r, _warp_sum_16(b_dk, lane), m_r, ATOMIC)
+                        _put(d_q + o_r, _warp_sum_16(b_dq, lane), m_r, ATOMIC)
+                    else:
+                        _put(d_k + o_ts + o_s, tl.sum(b_dk, axis=1), m_s, ATOMIC)
+                        _put(d_q + o_ts + o_s, tl.sum(b_dq, axis=1), m_s, ATOMIC)
+            tl.debug_barrier()
 
     if MAP_ONLY:
         n_state = tl.num_programs(0).to(tl.int64) // H * H * P * S
@@ -488,7 +516,8 @@ def kla_bwd(v, lambda_v, k, q, a, p, lam0, eta0, final, checkpoints, cu_seqlens,
         mode, end_a, end_b = 0, dummy, dummy
     lam_t, eta_t = final if final is not None else (dummy, dummy)
     grid = (n_seq * H, n_pblocks)
-    scratch = torch.empty(grid[0] * grid[1] * 2 * CHUNK * BS * BP, **f32)
+    sub = BWD_SUBCHUNK if BWD_SUBCHUNK and CHUNK % BWD_SUBCHUNK == 0 else CHUNK
+    scratch = torch.empty(grid[0] * grid[1] * 2 * (sub + CHUNK // sub) * BS * BP, **f32)
     _kla_bwd_kernel[grid](
         v, lambda_v, k, q, a, p,
         lam0 if lam0 is not None else dummy, eta0 if eta0 is not None else dummy, lam_t, eta_t,
@@ -499,7 +528,7 @@ def kla_bwd(v, lambda_v, k, q, a, p, lam0, eta0, final, checkpoints, cu_seqlens,
         USE_INITIAL_STATE=lam0 is not None, END_ADJOINT=mode,
         IS_VARLEN=is_varlen, DETERMINISTIC=deterministic, N_PBLOCKS=n_pblocks, MAP_ONLY=map_only,
         FAST_RCP=fast_rcp(v), WARP_REDUCE=fast_rcp(v) and WARP_REDUCE and BS == 16 and BP == 32,
-        num_warps=warps,
+        SUB=sub, num_warps=warps,
     )
     if map_only:
         return from_kernel(map_q), from_kernel(map_o)
