@@ -12,9 +12,9 @@ are loaded two tokens ahead so their memory latency hides behind the arithmetic.
    in the internal layout ``[slot, H, S, P]`` (channels contiguous: coalesced stores).
    [B, L, H, P, S] never touches memory.
 2. ``_kla_bwd_kernel`` walks the chunks backwards; for each it replays the forward from
-   the checkpoint, parking the CHUNK prior states in a per-program scratch block
-   (L2-resident), then runs the contractive covariance-form adjoint recursion in
-   reverse (the next step's inputs and parked state loaded one step ahead). dk and dq
+   the checkpoint, parking the CHUNK prior states in a per-program scratch block (or, with
+   ``BWD_SUBCHUNK``, first the sub-block start states and then SUB steps at a time), then
+   runs the contractive covariance-form adjoint recursion in reverse (the next step's inputs and parked state loaded one step ahead). dk and dq
    are summed over the program's channels — on the GPU by a warp reduce-scatter of inline
    PTX shuffles (``_warp_sum_16``) — then atomically added across a head's channel blocks
    (fast) or written to a per-block partial buffer and summed (``deterministic=True``,
