@@ -179,7 +179,7 @@ def _split_backward(ctx, d_y, d_yvar, d_lam_f, d_eta_f, *_):
     v, lambda_v, k, q, a, p, lam_s, eta_s, lam_f, eta_f, ck_sigma, ck_mu = ctx.saved_tensors
     # triton_kla_scan returns the last segment's final state of each row: only those rows
     # of the segments' final-state cotangent can be nonzero.
-    d_lam_t, d_eta_t = (None if d is None else d.unflatten(0, (v.shape[0], -1))[:, -1].contiguous()
+    d_lam_t, d_eta_t = (None if d is None else d.view(v.shape[0], -1, *d.shape[1:])[:, -1].contiguous()
                         for d in (d_lam_f, d_eta_f))
     grads = torch.ops.kla.split_bwd(v, lambda_v, k, q, a, p, lam_s, eta_s, lam_f, eta_f, ck_sigma, ck_mu,
                                     _cotangent(d_y, v), _cotangent(d_yvar, v), d_lam_t, d_eta_t,
@@ -216,7 +216,9 @@ def triton_kla_scan(v, lambda_v, k, q, a, p, initial_state=None, output_final_st
             raise ValueError(f"segment_len must be a multiple of {CHUNK}, got {segment_len}")
         y, y_var, lam_f, eta_f, *_ = torch.ops.kla.split_fwd(v, lambda_v, k, q, a, p, lam0, eta0, segment_len,
                                                             deterministic)
-        final = tuple(f.unflatten(0, (B, -1))[:, -1] for f in (lam_f, eta_f))
+        # view, not unflatten: Tensor.unflatten is a Python method, and under a TorchFunctionMode
+        # (the CPU megatron shim keeps one pushed) dynamo fails to trace its super() call
+        final = tuple(f.view(B, -1, *f.shape[1:])[:, -1] for f in (lam_f, eta_f))
     else:
         # Checkpoints only when a backward can follow (a static fact for torch.compile).
         tensors = (v, lambda_v, k, q, a, p, lam0, eta0)
