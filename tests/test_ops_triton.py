@@ -217,6 +217,17 @@ def test_two_level_backward_replay_matches_naive(monkeypatch, sub):
     _check((2, 70, 1, 40, 4), "a_near_one", 36, deterministic=True)
 
 
+def test_two_level_replay_rejects_a_depth_that_does_not_divide_the_chunk(monkeypatch):
+    from kla_megatron.ops.kla import chunk
+
+    monkeypatch.setattr(chunk, "BWD_SUBCHUNK", 5)
+    x = _to(make_inputs(1, 8, 1, 2, 2, seed=37, dtype=torch.float32), DEVICE)
+    x["v"].requires_grad_()
+    y, _, _ = kla_scan(**x, backend="triton")
+    with pytest.raises(ValueError, match="BWD_SUBCHUNK must divide CHUNK=32"):
+        y.sum().backward()
+
+
 def test_segment_length_rule():
     from kla_megatron.ops.kla.chunk_split import choose_segment_len
 

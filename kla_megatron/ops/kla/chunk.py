@@ -101,7 +101,8 @@ def _dynamics(a, p, i_h, o_p, o_s, m_sp, H: tl.constexpr, P: tl.constexpr, S: tl
 def _load_token(v, lambda_v, k, q, t, i_h, o_p, o_s, m_p, m_s,
                 H: tl.constexpr, P: tl.constexpr, S: tl.constexpr):
     """Raw inputs of token t: v, Λv [BP]; k, q [BS]. Prefetches past the end of a sequence
-    or chunk clamp t instead of masking, so the k, q loads stay unmasked and vectorised."""
+    or chunk clamp t instead of masking it, so no per-token mask keeps the k, q loads from
+    being vectorised."""
     o_tp = (t * H + i_h) * P + o_p
     o_ts = (t * H + i_h) * S + o_s
     b_v = tl.load(v + o_tp, mask=m_p, other=0.0)
@@ -131,11 +132,10 @@ def _rcp(x, FAST_RCP: tl.constexpr):
 
 @triton.jit
 def _step(b_sigma, b_mu, b_phi, b_r, b_a, b_a2, b_noise, FAST_RCP: tl.constexpr):
-    """One covariance-form step (kla_math.md §4): returns posterior (σ, μ), the gain ι and
-    the prior variance P."""
+    """One covariance-form step (kla_math.md §4): returns posterior (σ, μ) and the gain ι."""
     b_prior = b_a2 * b_sigma + b_noise
     b_iota = _rcp(1.0 + b_phi * b_prior, FAST_RCP)
-    return b_prior * b_iota, (b_a * b_mu + b_r * b_prior) * b_iota, b_iota, b_prior
+    return b_prior * b_iota, (b_a * b_mu + b_r * b_prior) * b_iota, b_iota
 
 
 @triton.jit
@@ -175,7 +175,7 @@ def _kla_fwd_kernel(
                 tl.store(ck_sigma + _state_offsets(slot, i_h, o_p, o_s, H, P, S), b_sigma, mask=m_sp)
                 tl.store(ck_mu + _state_offsets(slot, i_h, o_p, o_s, H, P, S), b_mu, mask=m_sp)
         b_phi, b_r = _observation(b_v, b_lv, b_k)
-        b_sigma, b_mu, _, _ = _step(b_sigma, b_mu, b_phi, b_r, b_a, b_a2, b_noise, FAST_RCP)
+        b_sigma, b_mu, _ = _step(b_sigma, b_mu, b_phi, b_r, b_a, b_a2, b_noise, FAST_RCP)
         b_q = b_q.to(tl.float32)
         o_tp = (t * H + i_h) * P + o_p
         tl.store(y + o_tp, tl.sum(b_q[:, None] * b_mu, axis=0).to(y.dtype.element_ty), mask=m_p)
@@ -185,6 +185,26 @@ def _kla_fwd_kernel(
         b_lam = 1.0 / b_sigma
         tl.store(lam_t + o_state, b_lam, mask=m_sp)
         tl.store(eta_t + o_state, b_mu * b_lam, mask=m_sp)
+
+
+@triton.jit
+def _replay(v, lambda_v, k, q, t0, n, b_sigma, b_mu, p_sigma, p_mu, stride, o_scr, b_a, b_a2, b_noise,
+            i_h, o_p, o_s, m_p, m_s, H: tl.constexpr, P: tl.constexpr, S: tl.constexpr,
+            EVERY: tl.constexpr, FAST_RCP: tl.constexpr):
+    """Walk n steps from the state (σ, μ) before token t0, parking the prior state of every
+    EVERY-th step at ``p_sigma`` / ``p_mu`` + (i // EVERY)·stride in this program's scratch
+    (written and read by the same program). The next token's inputs load one step ahead."""
+    n_v, n_lv, n_k, n_q = _load_token(v, lambda_v, k, q, t0, i_h, o_p, o_s, m_p, m_s, H, P, S)
+    for i in range(0, n):
+        b_v, b_lv, b_k = n_v, n_lv, n_k
+        n_v, n_lv, n_k, n_q = _load_token(v, lambda_v, k, q, t0 + tl.minimum(i + 1, n - 1),
+                                          i_h, o_p, o_s, m_p, m_s, H, P, S)
+        if i % EVERY == 0:
+            tl.store(p_sigma + (i // EVERY) * stride + o_scr, b_sigma)
+            tl.store(p_mu + (i // EVERY) * stride + o_scr, b_mu)
+        b_phi, b_r = _observation(b_v, b_lv, b_k)
+        b_sigma, b_mu, _ = _step(b_sigma, b_mu, b_phi, b_r, b_a, b_a2, b_noise, FAST_RCP)
+    tl.debug_barrier()
 
 
 @triton.jit
@@ -300,35 +320,17 @@ def _kla_bwd_kernel(
         if SUB < CHUNK:
             # Two-level replay: walk the chunk once parking only the sub-block start states,
             # so the per-step scratch below is SUB (not CHUNK) steps deep and stays in L2.
-            n_v, n_lv, n_k, n_q = _load_token(v, lambda_v, k, q, t0, i_h, o_p, o_s, m_p, m_s, H, P, S)
-            for i in range(0, n_steps):
-                b_v, b_lv, b_k = n_v, n_lv, n_k
-                n_v, n_lv, n_k, n_q = _load_token(v, lambda_v, k, q, t0 + tl.minimum(i + 1, n_steps - 1),
-                                                  i_h, o_p, o_s, m_p, m_s, H, P, S)
-                if i % SUB == 0:
-                    tl.store(p_sub + (i // SUB) * 2 * BS * BP + o_scr, b_sigma)
-                    tl.store(p_sub + (i // SUB) * 2 * BS * BP + BS * BP + o_scr, b_mu)
-                b_phi, b_r = _observation(b_v, b_lv, b_k)
-                b_sigma, b_mu, _, _ = _step(b_sigma, b_mu, b_phi, b_r, b_a, b_a2, b_noise, FAST_RCP)
-            tl.debug_barrier()
+            _replay(v, lambda_v, k, q, t0, n_steps, b_sigma, b_mu, p_sub, p_sub + BS * BP, 2 * BS * BP, o_scr,
+                    b_a, b_a2, b_noise, i_h, o_p, o_s, m_p, m_s, H, P, S, SUB, FAST_RCP)
         for jb in range(tl.cdiv(n_steps, SUB) - 1, -1, -1):
             tb = t0 + jb * SUB
             nb = tl.minimum(SUB, n_steps - jb * SUB)
             if SUB < CHUNK:
                 b_sigma = tl.load(p_sub + jb * 2 * BS * BP + o_scr)
                 b_mu = tl.load(p_sub + jb * 2 * BS * BP + BS * BP + o_scr)
-            # Replay the sub-block, parking each step's prior state in this program's scratch
-            # rows, then sweep it in reverse.
-            n_v, n_lv, n_k, n_q = _load_token(v, lambda_v, k, q, tb, i_h, o_p, o_s, m_p, m_s, H, P, S)
-            for i in range(0, nb):
-                b_v, b_lv, b_k = n_v, n_lv, n_k
-                n_v, n_lv, n_k, n_q = _load_token(v, lambda_v, k, q, tb + tl.minimum(i + 1, nb - 1),
-                                                   i_h, o_p, o_s, m_p, m_s, H, P, S)
-                tl.store(p_scr_sigma + i * BS * BP + o_scr, b_sigma)
-                tl.store(p_scr_mu + i * BS * BP + o_scr, b_mu)
-                b_phi, b_r = _observation(b_v, b_lv, b_k)
-                b_sigma, b_mu, _, _ = _step(b_sigma, b_mu, b_phi, b_r, b_a, b_a2, b_noise, FAST_RCP)
-            tl.debug_barrier()
+            # Replay the sub-block, parking each step's prior state, then sweep it in reverse.
+            _replay(v, lambda_v, k, q, tb, nb, b_sigma, b_mu, p_scr_sigma, p_scr_mu, BS * BP, o_scr,
+                    b_a, b_a2, b_noise, i_h, o_p, o_s, m_p, m_s, H, P, S, 1, FAST_RCP)
             # Reverse sweep; the next (earlier) step's inputs, cotangents and parked state are
             # loaded one step ahead.
             n_v, n_lv, n_k, n_q, n_gy, n_gv, n_sp, n_mp = _load_reverse_step(
@@ -344,7 +346,7 @@ def _kla_bwd_kernel(
                 o_tp = (t * H + i_h) * P + o_p
                 b_gy, b_gv = b_gy.to(tl.float32), b_gv.to(tl.float32)
                 b_phi, b_r = _observation(b_v, b_lv, b_k)
-                b_sigma, b_mu, b_iota, _ = _step(b_sp, b_mp, b_phi, b_r, b_a, b_a2, b_noise, FAST_RCP)
+                b_sigma, b_mu, b_iota = _step(b_sp, b_mp, b_phi, b_r, b_a, b_a2, b_noise, FAST_RCP)
                 b_q = b_q.to(tl.float32)
                 b_M = b_q[:, None] * b_gy[None, :] + b_cM
                 b_S = (b_q * b_q)[:, None] * b_gv[None, :] + b_cS
@@ -415,8 +417,9 @@ def _blocks(P: int, S: int):
     return BP, BS, max(1, BP // 32)
 
 
-def fast_rcp(x) -> bool:
-    """Compiled for a GPU (the interpreter cannot run inline PTX)."""
+def _gpu_compiled(x) -> bool:
+    """Kernels on ``x`` are compiled for a GPU: the inline-PTX paths (reciprocal, warp
+    shuffles) are allowed; the interpreter cannot run them."""
     return x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
 
 
@@ -435,6 +438,12 @@ def to_kernel(x):
 def from_kernel(x):
     """Inverse of :func:`to_kernel`."""
     return x.transpose(-1, -2).contiguous()
+
+
+def checkpoint_slots(n_seq: int, n_tokens: int) -> int:
+    """Rows of a forward checkpoint buffer: slot ``n + (bos_n + j·CHUNK) // CHUNK`` per chunk j
+    of sequence n (module docstring)."""
+    return n_seq + triton.cdiv(n_tokens, CHUNK)
 
 
 def _prepare(v, cu_seqlens):
@@ -456,8 +465,7 @@ def kla_fwd(v, lambda_v, k, q, a, p, lam0, eta0, cu_seqlens, output_final_state,
     state_shape = (n_seq, H, S, P)
     lam_t = v.new_empty(state_shape, dtype=torch.float32) if output_final_state else y
     eta_t = v.new_empty(state_shape, dtype=torch.float32) if output_final_state else y
-    n_slots = n_seq + triton.cdiv(B * L, CHUNK)
-    ck_shape = (n_slots, H, S, P) if save_checkpoints else (1,)
+    ck_shape = (checkpoint_slots(n_seq, B * L), H, S, P) if save_checkpoints else (1,)
     ck_sigma = v.new_empty(ck_shape, dtype=torch.float32)
     ck_mu = v.new_empty(ck_shape, dtype=torch.float32)
     BP, BS, warps = _blocks(P, S)
@@ -468,7 +476,7 @@ def kla_fwd(v, lambda_v, k, q, a, p, lam0, eta0, cu_seqlens, output_final_state,
         y, y_var, lam_t, eta_t, ck_sigma, ck_mu, cu,
         T, H=H, P=P, S=S, BP=BP, BS=BS, CHUNK=CHUNK,
         USE_INITIAL_STATE=lam0 is not None, STORE_FINAL_STATE=output_final_state,
-        SAVE_CHECKPOINTS=save_checkpoints, IS_VARLEN=is_varlen, FAST_RCP=fast_rcp(v), num_warps=warps,
+        SAVE_CHECKPOINTS=save_checkpoints, IS_VARLEN=is_varlen, FAST_RCP=_gpu_compiled(v), num_warps=warps,
     )
     final = (from_kernel(lam_t), from_kernel(eta_t)) if output_final_state else None
     return y, y_var, final, (ck_sigma, ck_mu)
@@ -487,7 +495,6 @@ def kla_bwd(v, lambda_v, k, q, a, p, lam0, eta0, final, checkpoints, cu_seqlens,
     a_dtype, p_dtype, k_dtype, q_dtype = a.dtype, p.dtype, k.dtype, q.dtype
     a, p, lam0, eta0 = (to_kernel(x) for x in (a, p, lam0, eta0))
     k, q = _kq_for_kernel(k, q)
-    final = tuple(map(to_kernel, final)) if final is not None else None
     BP, BS, warps = _blocks(P, S)
     n_pblocks = triton.cdiv(P, BP)
     partial = deterministic or n_pblocks == 1
@@ -510,13 +517,17 @@ def kla_bwd(v, lambda_v, k, q, a, p, lam0, eta0, final, checkpoints, cu_seqlens,
         mode, end_a, end_b = 2, to_kernel(end_adjoint[0]), to_kernel(end_adjoint[1])
     elif d_lam_t is not None or d_eta_t is not None:
         mode = 1
-        end_a = torch.zeros_like(final[0]) if d_lam_t is None else to_kernel(d_lam_t)
-        end_b = torch.zeros_like(final[1]) if d_eta_t is None else to_kernel(d_eta_t)
+        lam_t, eta_t = map(to_kernel, final)  # the kernel reads the final state in this mode only
+        end_a = torch.zeros_like(lam_t) if d_lam_t is None else to_kernel(d_lam_t)
+        end_b = torch.zeros_like(eta_t) if d_eta_t is None else to_kernel(d_eta_t)
     else:
         mode, end_a, end_b = 0, dummy, dummy
-    lam_t, eta_t = final if final is not None else (dummy, dummy)
+    if mode != 1:
+        lam_t = eta_t = dummy
     grid = (n_seq * H, n_pblocks)
-    sub = BWD_SUBCHUNK if BWD_SUBCHUNK and CHUNK % BWD_SUBCHUNK == 0 else CHUNK
+    if BWD_SUBCHUNK and CHUNK % BWD_SUBCHUNK:
+        raise ValueError(f"chunk.BWD_SUBCHUNK must divide CHUNK={CHUNK} (or be 0), got {BWD_SUBCHUNK}")
+    sub = BWD_SUBCHUNK or CHUNK
     scratch = torch.empty(grid[0] * grid[1] * 2 * (sub + CHUNK // sub) * BS * BP, **f32)
     _kla_bwd_kernel[grid](
         v, lambda_v, k, q, a, p,
@@ -527,7 +538,7 @@ def kla_bwd(v, lambda_v, k, q, a, p, lam0, eta0, final, checkpoints, cu_seqlens,
         T, B * L, H=H, P=P, S=S, BP=BP, BS=BS, CHUNK=CHUNK,
         USE_INITIAL_STATE=lam0 is not None, END_ADJOINT=mode,
         IS_VARLEN=is_varlen, DETERMINISTIC=deterministic, N_PBLOCKS=n_pblocks, MAP_ONLY=map_only,
-        FAST_RCP=fast_rcp(v), WARP_REDUCE=fast_rcp(v) and WARP_REDUCE and BS == 16 and BP == 32,
+        FAST_RCP=_gpu_compiled(v), WARP_REDUCE=_gpu_compiled(v) and WARP_REDUCE and BS == 16 and BP == 32,
         SUB=sub, num_warps=warps,
     )
     if map_only:

@@ -35,7 +35,7 @@ def _kla_transform_kernel(
     one = tl.full([BS, BP], 1.0, tl.float32)
     zero = tl.zeros([BS, BP], tl.float32)
     b_A, b_B, b_C, b_D, b_E, b_F, b_G = one, zero, zero, one, zero, zero, one
-    # v·Λv arrives as one product (in the `v` slot, with Λv = 1 there is nothing to multiply).
+    # v·Λv arrives as one product and travels in _load_token's v slot; its q slot is unused.
     n_vlv, n_lv, n_k, _ = _load_token(vlv, lambda_v, k, k, bos, i_h, o_p, o_s, m_p, m_s, H, P, S)
     for t in range(bos, eos):
         b_vlv, b_lv, b_k = n_vlv.to(tl.float32), n_lv.to(tl.float32), n_k.to(tl.float32)

@@ -42,9 +42,9 @@ def _flat(checkpoints):
 
 def _checkpoint_numel(n_seq, v, k):
     """Size of one checkpoint buffer of :func:`.chunk.kla_fwd` (a state per sequence and per
-    CHUNK tokens); opcheck in tests/test_scan_compile.py catches a drift."""
+    CHUNK tokens; the slot count is the launcher's own :func:`.chunk.checkpoint_slots`)."""
     B, L, H, P = v.shape
-    return (n_seq + triton.cdiv(B * L, CHUNK)) * H * P * k.shape[-1]
+    return chunk.checkpoint_slots(n_seq, B * L) * H * P * k.shape[-1]
 
 
 # ----------------------------------------------------------------------------- one pass
