@@ -194,6 +194,19 @@ class CachedEncoder:
         index = np.repeat(self._start[slots] - (ends - lengths), lengths) + np.arange(total)
         return self._store[index], ends
 
+    def _lookup(self, strings: List[str], learn) -> np.ndarray:
+        """Slots of ``strings``; the distinct misses get theirs from ``learn(misses)`` first."""
+        slots = np.fromiter(map(self._slots.get, strings, repeat(-1)), np.int64, len(strings))
+        missed = np.flatnonzero(slots < 0).tolist()
+        if missed:
+            missing = list(map(strings.__getitem__, missed))
+            keys = list(dict.fromkeys(missing))
+            learn(keys)
+            # the repeats of a miss are looked up in this small dict, not in the cache
+            fresh = dict(zip(keys, map(self._slots.__getitem__, keys)))
+            slots[missed] = np.fromiter(map(fresh.__getitem__, missing), np.int64, len(missing))
+        return slots
+
     def _encode_new(self, keys: List[str]) -> None:
         ids = self._seg_sp.encode(keys, out_type=int, num_threads=1)
         lengths = np.fromiter(map(len, ids), np.int64, len(ids))
@@ -212,15 +225,7 @@ class CachedEncoder:
             if not missing:
                 return
             joined = "\n".join(missing)
-        parts = self._fine.findall(joined)
-        slots = np.fromiter(map(self._slots.get, parts, repeat(-1)), np.int64, len(parts))
-        missed = np.flatnonzero(slots < 0).tolist()
-        if missed:
-            new = list(map(parts.__getitem__, missed))
-            keys = list(dict.fromkeys(new))
-            self._encode_new(keys)
-            fresh = dict(zip(keys, range(self._n - len(keys), self._n)))
-            slots[missed] = np.fromiter(map(fresh.__getitem__, new), np.int64, len(new))
+        slots = self._lookup(self._fine.findall(joined), self._encode_new)
         sep = slots == 0  # the slot of "\n" (see _reset); no other piece here holds a newline
         owner = np.cumsum(sep)[~sep]
         slots = slots[~sep]
@@ -250,16 +255,7 @@ class CachedEncoder:
         findall = _SEGMENT.findall
         # sentencepiece encodes "" as no ids at all, without the dummy prefix
         segmented = [findall(prefix + (t.replace(_WS, " ") if _WS in t else t)) if t else [] for t in texts]
-        segments = list(chain.from_iterable(segmented))
-        slots = np.fromiter(map(self._slots.get, segments, repeat(-1)), np.int64, len(segments))
-        missed = np.flatnonzero(slots < 0).tolist()
-        if missed:
-            missing = list(map(segments.__getitem__, missed))
-            keys = list(dict.fromkeys(missing))
-            self._learn(keys)
-            # the repeats of a miss are looked up in this small dict, not in the cache
-            fresh = dict(zip(keys, map(self._slots.__getitem__, keys)))
-            slots[missed] = np.fromiter(map(fresh.__getitem__, missing), np.int64, len(missing))
+        slots = self._lookup(list(chain.from_iterable(segmented)), self._learn)
         tokens, ends = self._gather(slots)
         # end of each text's ids = end of its last segment's ids (0 before any segment)
         last = np.cumsum(np.fromiter(map(len, segmented), np.int64, len(texts)))
