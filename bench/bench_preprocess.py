@@ -4,8 +4,9 @@ Corpus (no download): the Python standard library's ``.py`` files (code with Eng
 comments and docstrings, one document per file) plus the ``pydoc_data`` documentation
 topics repeated ``--english-repeat`` times (English prose). A 32k BPE tokenizer is trained
 on it once (cached in ``--work-dir``), then ``data_tools.preprocess`` runs with each
-worker count in ``--workers``; bare sentencepiece encode speed on one core is shown for
-comparison (preprocess uses an exact segment cache, ``data_tools/cached_encode.py``).
+worker count in ``--workers``. The encoders alone are timed on one core for comparison:
+sentencepiece, the segment cache (``data_tools/cached_encode.py``, from cold) and tiktoken's
+BPE with the model's rank table (``data_tools/tiktoken_encode.py``, what preprocess uses).
 
     python bench/bench_preprocess.py --workers 1 2 --json-out bench/results/preprocess_cpu.json
 """
@@ -57,16 +58,26 @@ def _cpu_seconds() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def encode_ceiling(model: str, corpus: str) -> float:
-    """MB per CPU second of bare ``SentencePieceProcessor.encode`` over the same documents."""
+def encode_rates(model: str, corpus: str) -> dict:
+    """MB per CPU second of each encoder alone over the same documents (one thread)."""
     import sentencepiece as spm
 
-    sp = spm.SentencePieceProcessor(model_file=model)
+    from data_tools.cached_encode import CachedEncoder
+    from data_tools.tiktoken_encode import TiktokenEncoder
+
     texts = [json.loads(line)["text"] for line in open(corpus, encoding="utf-8")]
     nbytes = sum(len(t.encode("utf-8")) for t in texts)
-    start = time.process_time()
-    sp.encode(texts, out_type=int, num_threads=1)
-    return nbytes / 1e6 / (time.process_time() - start)
+    sp = spm.SentencePieceProcessor(model_file=model)
+    encoders = {"sentencepiece.encode": lambda batch: sp.encode(batch, out_type=int, num_threads=1),
+                "segment cache (cold)": CachedEncoder(model).encode_flat,
+                "tiktoken BPE": TiktokenEncoder(model).encode_flat}
+    rates = {}
+    for name, encode in encoders.items():
+        start = time.process_time()
+        for i in range(0, len(texts), 100):  # ~1 MB batches, as preprocess's chunks
+            encode(texts[i:i + 100])
+        rates[name] = nbytes / 1e6 / (time.process_time() - start)
+    return rates
 
 
 def main() -> int:
@@ -89,10 +100,11 @@ def main() -> int:
     model = tok_prefix + ".model"
     size_mb = os.path.getsize(corpus) / 1e6
 
-    rows = []
-    ceiling = encode_ceiling(model, corpus)
-    rows.append({"what": "sentencepiece.encode (1 thread)", "workers": 1, "seconds": None, "cpu_seconds": None,
-                 "mb_per_s": None, "mb_per_s_per_core": None, "mb_per_cpu_s": ceiling})
+    rows = [{"what": f"{name} (encode only)", "workers": 1, "seconds": None, "cpu_seconds": None,
+             "mb_per_s": None, "mb_per_s_per_core": None, "mb_per_cpu_s": rate}
+            for name, rate in encode_rates(model, corpus).items()]
+    from megatron.core.datasets import indexed_dataset  # noqa: F401  (its import is not preprocess CPU time)
+
     for w in args.workers:
         cpu0 = _cpu_seconds()
         s = preprocess(PreprocessConfig(inputs=[corpus], tokenizer_model=model, workers=w, overwrite=True,
@@ -101,12 +113,14 @@ def main() -> int:
         rate = s.input_bytes / 1e6 / s.seconds
         rows.append({"what": "data_tools.preprocess", "workers": w, "seconds": s.seconds, "cpu_seconds": cpu,
                      "mb_per_s": rate, "mb_per_s_per_core": rate / w,
-                     "mb_per_cpu_s": s.input_bytes / 1e6 / cpu, "tokens": s.tokens, "documents": s.documents})
+                     "mb_per_cpu_s": s.input_bytes / 1e6 / cpu, "tokens": s.tokens, "documents": s.documents,
+                     "encoder": s.encoder})
 
     print(f"corpus {size_mb:.1f} MB JSONL, BPE vocab {args.vocab_size}, {os.cpu_count()} CPUs, "
           f"load avg {os.getloadavg()[0]:.1f}")
     print("MB/s/core = wall MB/s / workers; MB/cpu-s = MB per CPU second of writer + workers "
           "(the per-core rate on an idle core, less sensitive to other load)")
+    print(f"preprocess encoder: {rows[-1]['encoder']}")
     print(f"{'what':<34}{'workers':>8}{'seconds':>9}{'MB/s':>8}{'MB/s/core':>11}{'MB/cpu-s':>10}")
 
     def f(x, spec=".2f"):

@@ -1,8 +1,9 @@
 """Worker side of ``preprocess``: decode and tokenize one chunk of raw documents.
 
 Runs in spawned worker processes (or in-process with one worker), so it imports only
-numpy and sentencepiece. Encoding goes through the segment cache of ``cached_encode.py``
-(same ids as sentencepiece, faster). A chunk's result depends only on the chunk, which is what makes
+numpy, sentencepiece and tiktoken. Encoding goes through ``tiktoken_encode.load_encoder``:
+the same ids as sentencepiece, from tiktoken's Rust BPE (or the segment cache of
+``cached_encode.py`` for models it cannot reproduce). A chunk's result depends only on the chunk, which is what makes
 multi-worker output byte-identical to single-worker output.
 """
 from __future__ import annotations
@@ -12,9 +13,9 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from .cached_encode import CachedEncoder
 from .inputs import Problem, decode_document
 from .sentences import split_sentences
+from .tiktoken_encode import load_encoder
 
 
 @dataclass
@@ -44,6 +45,7 @@ class EncodedChunk:
     sequences_per_document: np.ndarray
     nbytes: int
     problems: List[Problem] = field(default_factory=list)
+    encoder: str = ""  # which engine produced the ids, from load_encoder
 
 
 _STATE: dict = {}
@@ -51,11 +53,11 @@ _STATE: dict = {}
 
 def init_worker(model_path: str, json_key: str, split: bool) -> None:
     """Load the tokenizer once per worker process."""
-    encoder = CachedEncoder(model_path)
+    encoder, engine = load_encoder(model_path)
     eod = encoder.sp.eos_id()
     if eod < 0:
         raise ValueError(f"tokenizer {model_path} has no EOS piece to use as EOD; retrain it with an --eos-id")
-    _STATE.update(encoder=encoder, eod=eod, json_key=json_key, split=split)
+    _STATE.update(encoder=encoder, eod=eod, json_key=json_key, split=split, engine=engine)
 
 
 def encode_chunk(chunk: Chunk) -> EncodedChunk:
@@ -83,4 +85,5 @@ def encode_chunk(chunk: Chunk) -> EncodedChunk:
         sequences_per_document=np.asarray(per_doc, dtype=np.int64),
         nbytes=chunk.nbytes,
         problems=problems,
+        encoder=_STATE["engine"],
     )

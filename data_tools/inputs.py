@@ -18,6 +18,7 @@ import glob
 import gzip
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator, List, Optional, Tuple
 
@@ -35,6 +36,7 @@ EMPTY_DOCUMENT = "empty_document"
 PROBLEMS = (MALFORMED_JSON, NOT_AN_OBJECT, MISSING_FIELD, FIELD_NOT_STRING, INVALID_UTF8, EMPTY_DOCUMENT)
 
 _JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # paired escapes decode to one code point
 
 
 @dataclass(frozen=True)
@@ -142,7 +144,7 @@ def decode_document(raw: bytes, fmt: str, json_key: str) -> Tuple[Optional[str],
     is either kept exactly or reported.
     """
     try:
-        s = raw.decode("utf-8")
+        s = raw_text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         return None, INVALID_UTF8, f"invalid UTF-8 byte(s) {raw[e.start:e.end]!r} at byte offset {e.start}"
     if fmt == "jsonl":
@@ -158,6 +160,12 @@ def decode_document(raw: bytes, fmt: str, json_key: str) -> Tuple[Optional[str],
         s = obj[json_key]
         if not isinstance(s, str):
             return None, FIELD_NOT_STRING, f"field {json_key!r} is {type(s).__name__}, expected a string"
+        # a "\\udXXX" escape can decode to half a surrogate pair: text with no UTF-8 form
+        if "\\ud" in raw_text or "\\uD" in raw_text:
+            surrogate = _LONE_SURROGATE.search(s)
+            if surrogate:
+                return None, INVALID_UTF8, (f"field {json_key!r} holds the lone surrogate "
+                                            f"\\u{ord(surrogate.group()):04x} (a JSON escape with no UTF-8 form)")
     if not s.strip():
         return None, EMPTY_DOCUMENT, "document is empty or whitespace only"
     return s, None, ""

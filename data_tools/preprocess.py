@@ -114,6 +114,7 @@ class Summary:
     dtype: str = ""
     vocab_size: int = 0
     eod: int = -1
+    encoder: str = ""
 
     @property
     def skipped_total(self) -> int:
@@ -134,6 +135,7 @@ class Summary:
             f"documents      {self.documents}",
             f"sequences      {self.sequences}",
             f"tokens         {self.tokens}  (EOD id {self.eod}, vocab {self.vocab_size})",
+            f"encoder        {self.encoder}",
             f"input          {self.input_bytes / 1e6:.2f} MB in {self.seconds:.2f} s "
             f"({d['mb_per_s']:.2f} MB/s, {d['docs_per_s']:.0f} docs/s)",
             f"skipped        {self.skipped_total}"
@@ -249,6 +251,7 @@ def preprocess(cfg: PreprocessConfig) -> Summary:
             summary.sequences += len(enc.sequence_lengths)
             summary.tokens += len(enc.tokens)
             summary.input_bytes += enc.nbytes
+            summary.encoder = enc.encoder
             if bar is not None:
                 bar.update(enc.nbytes)
                 bar.set_postfix(docs_per_s=f"{summary.documents / max(time.perf_counter() - start, 1e-9):.0f}",

@@ -123,28 +123,84 @@ def test_tokenizer_sampling_pad_off_and_lossy_on_request(corpus, tmp_path):
     assert not glob.glob(str(tmp_path / "big*")) and not glob.glob(str(tmp_path / ".tok-partial-*"))
 
 
-def test_cached_encoder_matches_sentencepiece(corpus, tmp_path):
-    """The word cache used by preprocess gives sentencepiece's ids exactly (BPE; unigram is not cached)."""
+def _fast_encoders(model):
+    from data_tools.cached_encode import CachedEncoder
+    from data_tools.tiktoken_encode import TiktokenEncoder
+
+    return [CachedEncoder(model), TiktokenEncoder(model)]
+
+
+def test_fast_encoders_match_sentencepiece(corpus, tmp_path):
+    """Both fast encoders used by preprocess (tiktoken's BPE, the segment cache) give
+    sentencepiece's ids exactly; models they cannot reproduce are refused with a reason."""
     import random
 
     from data_tools.cached_encode import CachedEncoder
+    from data_tools.tiktoken_encode import TiktokenEncoder, load_encoder
 
     rng = random.Random(0)
     alphabet = list("ab c  \n\t\r.,;:!?'\"😀東京ü\u00a0\u3000 0123") + ["the", "  ", "\n\n", "<|user|>", "def", "    "]
     texts = [p.values[0] for p in ROUND_TRIP_TEXTS] + [t for _, t in sample_documents()[:20]]
     texts += ["".join(rng.choices(alphabet, k=rng.randint(0, 50))) for _ in range(3000)]
+    want = _sp(corpus["model"]).encode(texts, out_type=int)
+    for enc in _fast_encoders(corpus["model"]):
+        for _ in range(2):  # cold and warm cache
+            assert [enc.encode(t) for t in texts] == want, enc.engine
+    assert load_encoder(corpus["model"])[1] == "tiktoken"
     uni = train_tokenizer(TokenizerConfig(inputs=[corpus["jsonl"]], output_prefix=str(tmp_path / "u"),
                                           model_type="unigram", vocab_size=800, num_threads=1, max_sentences=3000))
     assert uni["model_type"] == "unigram"
-    for model, cached in ((corpus["model"], True), (str(tmp_path / "u.model"), False)):
-        enc = CachedEncoder(model)
-        assert enc.enabled == cached
-        for _ in range(2):  # cold and warm cache
-            assert [enc.encode(t) for t in texts] == enc.sp.encode(texts, out_type=int)
-    # a lossy model falls back to the plain encoder
+    # a lossy model: neither fast path
     train_tokenizer(TokenizerConfig(inputs=[corpus["jsonl"]], output_prefix=str(tmp_path / "n"), vocab_size=600,
                                     normalization="nmt_nfkc", num_threads=1))
-    assert not CachedEncoder(str(tmp_path / "n.model")).enabled
+    for model in (str(tmp_path / "u.model"), str(tmp_path / "n.model")):
+        enc, engine = load_encoder(model)
+        assert engine.startswith("sentencepiece (tiktoken not used: ") and not enc.enabled, engine
+        assert [enc.encode(t) for t in texts[:300]] == enc.sp.encode(texts[:300], out_type=int)
+        with pytest.raises(ValueError, match="not a lossless whitespace-split BPE"):
+            TiktokenEncoder(model)
+    assert CachedEncoder(corpus["model"]).enabled
+
+
+def _edited_model(src, dst, edit):
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(open(src, "rb").read())
+    edit(proto)
+    with open(dst, "wb") as f:
+        f.write(proto.SerializeToString())
+    return str(dst)
+
+
+def test_tiktoken_encoder_refuses_models_it_cannot_reproduce(corpus, tmp_path):
+    """Each condition of the exactness argument is checked, and the segment cache takes over."""
+    from data_tools.tiktoken_encode import TiktokenEncoder, load_encoder
+
+    def tied_scores(proto):
+        multi = [p for p in proto.pieces if p.type == p.NORMAL and len(p.piece) > 1]
+        multi[5].score = multi[4].score
+
+    def unreachable_piece(proto):  # no pair of pieces forms it: its text encodes as 6 characters
+        piece = proto.pieces.add()
+        piece.piece, piece.score, piece.type = "qqqzzz", -1e6, piece.NORMAL
+
+    def unknown_character(proto):
+        piece = proto.pieces.add()
+        piece.piece, piece.score, piece.type = "\u2603x", -1e6, piece.NORMAL
+
+    train_tokenizer(TokenizerConfig(inputs=[corpus["jsonl"]], output_prefix=str(tmp_path / "nb"), vocab_size=600,
+                                    byte_fallback=False, num_threads=1))
+    cases = {"share a score": tied_scores, "does not encode to that piece": unreachable_piece,
+             "not itself a piece": unknown_character}
+    models = {reason: _edited_model(corpus["model"], tmp_path / f"m{i}.model", edit)
+              for i, (reason, edit) in enumerate(cases.items())}
+    models["no byte fallback"] = str(tmp_path / "nb.model")
+    for reason, model in models.items():
+        with pytest.raises(ValueError, match=reason):
+            TiktokenEncoder(model)
+        enc, engine = load_encoder(model)
+        assert engine.startswith("segment-cache (tiktoken not used:") and reason in engine, engine
 
 
 TRICKY_TEXTS = [
@@ -161,12 +217,13 @@ TRICKY_TEXTS = [
 ]
 
 
-def test_cached_encoder_fine_split_is_exact(corpus, tmp_path, monkeypatch):
-    """The finer split of cache misses: never inside a piece, and ids equal to sentencepiece's.
+def test_fast_encoders_exact_on_tricky_text(corpus, monkeypatch):
+    """The cut of the text and both fast encoders: never inside a piece, ids equal to sentencepiece's.
 
     Checked on text built to sit on class boundaries (digits, "_", quotes, combining
-    marks, emoji sequences, a literal "\u2581", user symbols, control characters), cold
-    and warm, and with a cache so small that it is cleared between batches.
+    marks, emoji sequences, characters outside the vocabulary, a literal "\u2581", user
+    symbols, control characters), cold and warm, and with a segment cache so small that it
+    is cleared between batches.
     """
     import random
 
@@ -187,15 +244,18 @@ def test_cached_encoder_fine_split_is_exact(corpus, tmp_path, monkeypatch):
     texts = TRICKY_TEXTS + ["".join(rng.choices(chars, k=rng.randint(0, 80))) for _ in range(3000)]
     texts += [chars[i:i + rng.randint(1, 400)] for i in range(0, len(chars), 97)]
     want = enc.sp.encode(texts, out_type=int)
-    for _ in range(2):  # cold and warm cache
-        tokens, lengths = enc.encode_flat(texts)
-        assert lengths.tolist() == [len(w) for w in want]
-        assert tokens.tolist() == [i for w in want for i in w]
+    for fast in _fast_encoders(corpus["model"]):
+        for _ in range(2):  # cold and warm cache
+            tokens, lengths = fast.encode_flat(texts)
+            assert lengths.tolist() == [len(w) for w in want], fast.engine
+            assert tokens.tolist() == [i for w in want for i in w], fast.engine
+        assert fast.encode_flat([])[0].size == 0 and fast.encode_batch(["", "", "a"]) == [[], [], enc.sp.encode("a")]
+        with pytest.raises((ValueError, TypeError)):  # no UTF-8 form: refused, not replaced
+            fast.encode("a\ud800b")
     monkeypatch.setattr(ce, "_CACHE_LIMIT", 40)
     small = ce.CachedEncoder(corpus["model"])
     assert [small.encode_batch(texts[i:i + 7]) for i in range(0, len(texts), 7)] == \
         [want[i:i + 7] for i in range(0, len(texts), 7)]
-    assert small.encode_flat([])[0].size == 0 and small.encode_batch(["", "", "a"]) == [[], [], want[-1][:0] + enc.sp.encode("a")]
 
 
 def test_fine_pattern_joins_classes_that_share_a_piece():
@@ -293,6 +353,19 @@ def test_bad_input_skip_reports_file_line_and_counts(corpus, tmp_path, capsys):
     assert "\\xff" in next(r["detail"] for r in logged if r["kind"] == "invalid_utf8")
     assert len(_read_docs(s.dataset_prefix)) == 2
     assert "skipped        6" in s.format() and "invalid_utf8" in s.format()
+
+
+def test_lone_surrogate_escape_is_reported_not_replaced(corpus, tmp_path, capsys):
+    """JSON can escape half a surrogate pair ("\\ud800"): text with no UTF-8 form. It is
+    reported as invalid UTF-8 with its line; a proper pair of escapes is one character, kept."""
+    path = tmp_path / "s.jsonl"
+    path.write_bytes(GOOD + b'\n{"text": "half \\ud800 pair"}\n{"text": "pair \\ud83d\\ude00 ok"}\n')
+    s = _run(dict(inputs=[str(path)], tokenizer_model=corpus["model"], output_prefix=str(tmp_path / "o")))
+    assert s.documents == 2 and s.skipped == {"invalid_utf8": 1}
+    assert f"{path}:2: invalid_utf8: field 'text' holds the lone surrogate \\ud800" in capsys.readouterr().err
+    sp = _sp(corpus["model"])
+    assert [sp.decode(d[0][:-1]) for d in _read_docs(s.dataset_prefix)] == ["A good document.", "pair \U0001F600 ok"]
+    assert s.encoder == "tiktoken" and "encoder        tiktoken" in s.format()
 
 
 @pytest.mark.parametrize("kind", list(BAD_LINES))
