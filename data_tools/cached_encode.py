@@ -185,9 +185,12 @@ def gather_runs(store: np.ndarray, start: np.ndarray, length: np.ndarray,
     """``store[start[k]:start[k] + length[k]]`` for each k in ``keys``, back to back, and the
     end offset of each run in the result."""
     lengths = length[keys]
+    starts = start[keys]
+    if len(keys) and lengths.min() == lengths.max() == 1:  # one id each: the common case, 3x cheaper
+        return store[starts], np.arange(1, len(keys) + 1)
     ends = np.cumsum(lengths)
     total = int(ends[-1]) if len(ends) else 0
-    index = np.repeat(start[keys] - (ends - lengths), lengths) + np.arange(total)
+    index = np.repeat(starts - (ends - lengths), lengths) + np.arange(total)
     return store[index], ends
 
 

@@ -57,14 +57,14 @@ def _entries(proto) -> List[Tuple[str, int, float]]:
     return [(p.piece, p.type, p.score) for p in proto.pieces]
 
 
-def unsupported(proto, seg_sp) -> Optional[str]:
+def unsupported(proto, seg_sp, entries: List[Tuple[str, int, float]]) -> Optional[str]:
     """Why the rank table cannot reproduce this model exactly, or None when it can."""
     if not segmentable(proto):
         return "not a lossless whitespace-split BPE model with '\\n' as a user-defined symbol"
     if not proto.trainer_spec.byte_fallback:
         return "no byte fallback (sentencepiece then merges unknown characters into one <unk>)"
     normal = type(proto).SentencePiece.NORMAL
-    pieces = [(i, s, score) for i, (s, kind, score) in enumerate(_entries(proto)) if kind == normal]
+    pieces = [(i, s, score) for i, (s, kind, score) in enumerate(entries) if kind == normal]
     chars = {s for _, s, _ in pieces if len(s) == 1}
     multi = [(i, s, score) for i, s, score in pieces if len(s) > 1]
     if not chars.issuperset("".join(s for _, s, _ in multi)):
@@ -77,10 +77,9 @@ def unsupported(proto, seg_sp) -> Optional[str]:
     return None
 
 
-def rank_table(proto) -> Tuple[Dict[bytes, int], List[List[int]]]:
+def rank_table(proto, entries: List[Tuple[str, int, float]]) -> Tuple[Dict[bytes, int], List[List[int]]]:
     """tiktoken's ``mergeable_ranks`` for the model, and the sentencepiece ids of each rank."""
     kinds = type(proto).SentencePiece
-    entries = _entries(proto)
     byte_id = {int(s[3:5], 16): i for i, (s, kind, _) in enumerate(entries) if kind == kinds.BYTE}
     # sentencepiece sees a space as "\u2581": the piece "\u2581" is the text " ", and a
     # space without that piece falls back to the bytes of "\u2581"
@@ -125,14 +124,15 @@ class TiktokenEncoder(FlatEncoder):
         proto = read_model_proto(model_path)
         if proto is None:
             raise ValueError("reading the model's settings needs protobuf")
-        reason = unsupported(proto, segment_processor(proto))
+        entries = _entries(proto)
+        reason = unsupported(proto, segment_processor(proto), entries)
         if reason:
             raise ValueError(f"{model_path}: {reason}")
-        ranks, ids = rank_table(proto)
+        ranks, ids = rank_table(proto, entries)
         self._len = np.fromiter(map(len, ids), np.int64, len(ids))
         self._start = np.cumsum(self._len) - self._len
         self._store = np.fromiter((i for run in ids for i in run), np.int32, int(self._len.sum()))
-        cut = _fine_pattern([p.piece for p in proto.pieces if p.type == p.NORMAL]) or _SEGMENT
+        cut = _fine_pattern([s for s, kind, _ in entries if kind == proto.SentencePiece.NORMAL]) or _SEGMENT
         self._bpe = tiktoken.Encoding(f"sentencepiece:{model_path}", pat_str=cut.pattern,
                                       mergeable_ranks=ranks, special_tokens={})
         self._prefix = " " if proto.normalizer_spec.add_dummy_prefix else ""
