@@ -69,7 +69,7 @@ def encode_rates(model: str, corpus: str) -> dict:
     nbytes = sum(len(t.encode("utf-8")) for t in texts)
     sp = spm.SentencePieceProcessor(model_file=model)
     encoders = {"sentencepiece.encode": lambda batch: sp.encode(batch, out_type=int, num_threads=1),
-                "segment cache (cold)": CachedEncoder(model).encode_flat,
+                "segment cache, cold": CachedEncoder(model).encode_flat,
                 "tiktoken BPE": TiktokenEncoder(model).encode_flat}
     rates = {}
     for name, encode in encoders.items():
