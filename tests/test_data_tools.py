@@ -243,6 +243,8 @@ def test_fast_encoders_exact_on_tricky_text(corpus, monkeypatch):
     chars = "".join(TRICKY_TEXTS) + "".join(t for _, t in sample_documents()[:5])
     texts = TRICKY_TEXTS + ["".join(rng.choices(chars, k=rng.randint(0, 80))) for _ in range(3000)]
     texts += [chars[i:i + rng.randint(1, 400)] for i in range(0, len(chars), 97)]
+    # long runs of one class: pre-tokens thousands of bytes long (exact, and fast: 100k in ~30 ms)
+    texts += ["".join(rng.choices("aeb", k=3000)), "=" * 20000, "ab" * 5000, " " * 300 + "x"]
     want = enc.sp.encode(texts, out_type=int)
     for fast in _fast_encoders(corpus["model"]):
         for _ in range(2):  # cold and warm cache
