@@ -137,7 +137,10 @@ class TiktokenEncoder(FlatEncoder):
                                       mergeable_ranks=ranks, special_tokens={})
         self._prefix = " " if proto.normalizer_spec.add_dummy_prefix else ""
         self._user_symbol = user_symbol_search(proto)
-        self._encode_ordinary = self._bpe._core_bpe.encode_ordinary
+        core = getattr(self._bpe, "_core_bpe", None)  # see _ranks for why not the public method
+        if core is None:
+            raise ImportError(f"tiktoken {tiktoken.__version__} has no Encoding._core_bpe")
+        self._encode_ordinary = core.encode_ordinary
 
     def _ranks(self, text: str) -> List[int]:
         if not text:  # sentencepiece encodes "" as nothing, without the dummy prefix
