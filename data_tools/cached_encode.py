@@ -194,10 +194,15 @@ def gather_runs(store: np.ndarray, start: np.ndarray, length: np.ndarray,
     return store[index], ends
 
 
-def text_lengths(ends: np.ndarray, parts_per_text) -> np.ndarray:
+def text_lengths(ends: np.ndarray, parts_per_text: np.ndarray) -> np.ndarray:
     """Ids per text, given the end offset of every part's ids and how many parts each text has."""
-    last = np.cumsum(np.fromiter(parts_per_text, np.int64))
-    return np.diff(np.concatenate(([0], ends))[last], prepend=0)
+    return np.diff(np.concatenate(([0], ends))[np.cumsum(parts_per_text)], prepend=0)
+
+
+def flatten(runs: List[List[int]]) -> Tuple[np.ndarray, np.ndarray]:
+    """Lists of ids back to back (``int32``), and the length of each list."""
+    lengths = np.fromiter(map(len, runs), np.int64, len(runs))
+    return np.fromiter(chain.from_iterable(runs), np.int32, int(lengths.sum())), lengths
 
 
 class FlatEncoder:
@@ -276,9 +281,7 @@ class CachedEncoder(FlatEncoder):
         return slots
 
     def _encode_new(self, keys: List[str]) -> None:
-        ids = self._seg_sp.encode(keys, out_type=int, num_threads=1)
-        lengths = np.fromiter(map(len, ids), np.int64, len(ids))
-        self._add_slots(keys, np.fromiter(chain.from_iterable(ids), np.int32, int(lengths.sum())), lengths)
+        self._add_slots(keys, *flatten(self._seg_sp.encode(keys, out_type=int, num_threads=1)))
 
     def _learn(self, missing: List[str]) -> None:
         """Give every string in ``missing`` (segments, not cached yet) a slot."""
@@ -310,9 +313,7 @@ class CachedEncoder(FlatEncoder):
 
     def _encode_flat(self, texts: List[str]) -> Tuple[np.ndarray, np.ndarray]:
         if not self.enabled:
-            ids = self.sp.encode(texts, out_type=int)
-            lengths = np.fromiter(map(len, ids), np.int64, len(ids))
-            return np.fromiter(chain.from_iterable(ids), np.int32, int(lengths.sum())), lengths
+            return flatten(self.sp.encode(texts, out_type=int))
         if self._n > _CACHE_LIMIT:
             self._reset()
         prefix = " " if self.dummy_prefix else ""
@@ -321,4 +322,4 @@ class CachedEncoder(FlatEncoder):
         segmented = [findall(prefix + (t.replace(_WS, " ") if _WS in t else t)) if t else [] for t in texts]
         slots = self._lookup(list(chain.from_iterable(segmented)), self._learn)
         tokens, ends = self._gather(slots)
-        return tokens, text_lengths(ends, map(len, segmented))
+        return tokens, text_lengths(ends, np.fromiter(map(len, segmented), np.int64, len(texts)))

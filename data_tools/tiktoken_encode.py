@@ -33,7 +33,6 @@ Models this does not cover (no byte fallback, tied scores, ...) are reported by
 """
 from __future__ import annotations
 
-from itertools import chain
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -43,6 +42,7 @@ from .cached_encode import (
     FlatEncoder,
     _WS,
     _fine_pattern,
+    flatten,
     gather_runs,
     read_model_proto,
     segment_processor,
@@ -159,10 +159,9 @@ class TiktokenEncoder(FlatEncoder):
         special = [i for i, t in enumerate(texts) if self._user_symbol and self._user_symbol(t)]
         skip = set(special)
         ranks = [[] if i in skip else self._ranks(t) for i, t in enumerate(texts)]
-        n = sum(map(len, ranks))
-        tokens, ends = gather_runs(self._store, self._start, self._len,
-                                   np.fromiter(chain.from_iterable(ranks), np.int64, n))
-        lengths = text_lengths(ends, map(len, ranks))
+        flat, per_text = flatten(ranks)
+        tokens, ends = gather_runs(self._store, self._start, self._len, flat)
+        lengths = text_lengths(ends, per_text)
         if not special:
             return tokens, lengths
         pieces = np.split(tokens, np.cumsum(lengths)[:-1])
