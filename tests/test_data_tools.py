@@ -163,10 +163,9 @@ def test_fast_encoders_match_sentencepiece(corpus, tmp_path):
 
 
 def _edited_model(src, dst, edit):
-    from sentencepiece import sentencepiece_model_pb2 as pb
+    from data_tools.cached_encode import read_model_proto
 
-    proto = pb.ModelProto()
-    proto.ParseFromString(open(src, "rb").read())
+    proto = read_model_proto(src)
     edit(proto)
     with open(dst, "wb") as f:
         f.write(proto.SerializeToString())
@@ -227,15 +226,11 @@ def test_fast_encoders_exact_on_tricky_text(corpus, monkeypatch):
     """
     import random
 
-    from sentencepiece import sentencepiece_model_pb2 as pb
-
     import data_tools.cached_encode as ce
 
     enc = ce.CachedEncoder(corpus["model"])
     assert enc.enabled and enc._fine is not None  # the fine path is what is tested here
-    proto = pb.ModelProto()
-    proto.ParseFromString(open(corpus["model"], "rb").read())
-    for p in proto.pieces:  # the property the exactness argument rests on
+    for p in ce.read_model_proto(corpus["model"]).pieces:  # the property the exactness argument rests on
         if p.type == p.NORMAL:
             text = p.piece.replace("\u2581", " ")
             assert enc._fine.findall(text) == [text], p.piece
