@@ -3,8 +3,10 @@ on 127.0.0.1) and launch/deepspeed.sh with a `localhost slots=2` hostfile, each 
 model for a few steps."""
 import os
 import re
+import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -71,6 +73,40 @@ def test_torchrun_two_nodes_on_one_machine_trains(tmp_path):
     losses = step_lines(text)
     assert sorted(losses) == [1, 2, 3] and losses[3] < losses[1], text[-3000:]
     assert (tmp_path / "ck" / "iter_0000003" / "manifest.json").exists()
+
+
+def test_sigusr1_to_one_node_checkpoints_every_node_and_exits_0(tmp_path):
+    """SIGUSR1 to one node's torchrun.sh (what srun forwards near a time limit) reaches that node's
+    workers, every rank stops at the same step, the checkpoint is written, and both nodes exit 0:
+    an exit 1 from either would make srun --kill-on-bad-exit kill the other mid-checkpoint."""
+    port, steps = free_port(), 500
+    procs = []
+    for node_rank in (0, 1):
+        env = cpu_env(NNODES="2", NODE_RANK=str(node_rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      GPUS_PER_NODE="1", RDZV_ID=f"test-{port}")
+        procs.append(subprocess.Popen(["bash", str(REPO / "launch/torchrun.sh"), *tiny_train_args(tmp_path, steps=steps)],
+                                      stdout=open(tmp_path / f"node{node_rank}.log", "w"), stderr=subprocess.STDOUT,
+                                      env=env, cwd=REPO))
+    log = lambda i: (tmp_path / f"node{i}.log").read_text()  # noqa: E731
+    try:
+        t0 = time.time()
+        while not any(re.search(r"^step 2/", log(i), re.M) for i in (0, 1)):
+            assert all(p.poll() is None for p in procs) and time.time() - t0 < 600, log(0)[-3000:] + log(1)[-3000:]
+            time.sleep(0.2)
+        # c10d rendezvous places rank 0 (the one that logs) on either node: signal the other one
+        quiet = 0 if re.search(r"^step 2/", log(1), re.M) else 1
+        procs[quiet].send_signal(signal.SIGUSR1)
+        codes = [p.wait(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    text = log(0) + log(1)
+    assert codes == [0, 0], text[-4000:]
+    assert "SIGUSR1: forwarding it to the workers" in log(quiet)
+    stop = int(re.search(r"received signal \(on another rank\): checkpointing at step (\d+) and exiting", text)[1])
+    assert 2 <= stop < steps and max(step_lines(text)) == stop
+    assert (tmp_path / "ck" / f"iter_{stop:07d}" / "manifest.json").exists()
 
 
 @pytest.mark.slow

@@ -75,6 +75,16 @@ def submit(env, tmp_path, steps, *extra):
     return r.stdout.strip().split(";")[0], logs
 
 
+def cluster_logs(env, jid) -> str:
+    """The job's record and the daemons' log lines about it: why Slurm failed or requeued it."""
+    job = subprocess.run(["scontrol", "show", "job", jid], capture_output=True, text=True, env=env).stdout
+    lines = []
+    for log in sorted(Path(env["KLA_SLURM_DIR"], "log").glob("*.log")):
+        lines += [f"{log.name}: {line}" for line in log.read_text(errors="replace").splitlines()
+                  if re.search(rf"(JobId|job|StepId)[= ]?{jid}\b", line, re.I)]
+    return job + "\n".join(lines[-60:])
+
+
 def node_logs(logs, jid, attempt) -> str:
     return "".join(p.read_text() for p in sorted((logs / "kla-pretrain" / jid / f"attempt-{attempt}").glob("node-*.log")))
 
@@ -103,17 +113,27 @@ def test_preemption_signal_checkpoints_requeues_and_resumes(slurm, tmp_path):
     # what --signal=B:USR1@<s> does near the time limit: SIGUSR1 to the batch shell only
     subprocess.run(["scancel", "--batch", "--signal=USR1", jid], check=True, env=slurm)
     wait_for(slurm, jid, lambda i: i.get("Restarts") == "1" and i.get("JobState") == "PENDING")
-    # Slurm holds a requeued job for ~2 minutes (its begin time); release it now.
+    # Slurm holds a requeued job for ~2 minutes (its begin time). Release it sooner, but only once
+    # both nodes are idle and a few seconds have passed: slurmd refuses a relaunch whose credential
+    # is from the same second as the old one's revocation ("Job credential revoked": FAILED).
+    t0 = time.time()
+    while subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True,
+                         env=slurm).stdout.split() != ["idle", "idle"]:
+        assert time.time() - t0 < 120, cluster_logs(slurm, jid)
+        time.sleep(0.5)
+    time.sleep(3)
     subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], check=True, env=slurm)
     info = wait_for(slurm, jid, lambda i: i.get("JobState") not in ("PENDING", "RUNNING", "CONFIGURING",
                                                                    "COMPLETING", "REQUEUED"))
     batch = (logs / f"kla-pretrain-{jid}.out").read_text()
     first, second = node_logs(logs, jid, 0), node_logs(logs, jid, 1)
-    # On failure show the trainer's own logs too (a full-suite run under heavy load once saw
-    # attempt 0's rank 0 exit 1 right after SIGUSR1; it passed alone and in other full runs).
+    # On failure show the trainer's logs and Slurm's own account of the job.
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (
-        f"{batch}\n--- attempt 0 ---\n{first[-4000:]}\n--- attempt 1 ---\n{second[-4000:]}")
+        f"{batch}\n--- attempt 0 ---\n{first[-4000:]}\n--- attempt 1 ---\n{second[-4000:]}\n"
+        f"--- slurm ---\n{cluster_logs(slurm, jid)}")
     assert "received SIGUSR1" in batch and f"requeueing job {jid}" in batch, batch
+    # every node checkpointed and exited 0: none was killed by srun --kill-on-bad-exit
+    assert batch.count("srun exited with 0") == 2 and "Terminated" not in batch, batch
     stop = int(re.search(r"checkpointing at step (\d+) and exiting", first)[1])
     assert 2 <= stop < steps
     assert f"saved checkpoint {tmp_path / 'ck'}/iter_{stop:07d}" in first

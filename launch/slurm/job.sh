@@ -4,7 +4,7 @@
 #
 # Preemption and time limits: submit with `--signal=B:USR1@<seconds>` (the templates do). Slurm
 # then signals this shell <seconds> before the end; the trap forwards SIGUSR1 to the training
-# processes (through srun), the trainer writes a checkpoint at the next step boundary and exits,
+# processes (through srun and launch/torchrun.sh), the trainer writes a checkpoint at the next step boundary and exits,
 # and this script requeues the job (`scontrol requeue`), which resumes from that checkpoint
 # (checkpoint.resume: auto). The trainer exits 0 when preempted, so the trap, not the exit code,
 # says whether to requeue. SIGTERM (scancel, or preemption with PreemptMode=REQUEUE) is also
