@@ -92,6 +92,8 @@ trap '' USR1
 agent=$!
 trap forward_usr1 USR1
 trap forward_term TERM
+# SIGINT (Ctrl-C) reaches the whole foreground process group, the agent included: just outlive it.
+trap : INT
 # `wait` returns early when a trapped signal arrives: keep waiting until the agent has ended.
 while :; do
   wait "$agent" && rc=0 || rc=$?
