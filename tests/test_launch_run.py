@@ -1,6 +1,7 @@
 """The launchers for real on CPU/gloo: launch/torchrun.sh as two "nodes" (two rendezvous agents
 on 127.0.0.1) and launch/deepspeed.sh with a `localhost slots=2` hostfile, each training the tiny
 model for a few steps."""
+import contextlib
 import os
 import re
 import signal
@@ -49,25 +50,34 @@ def step_lines(text: str) -> dict[int, float]:
     return {int(m[1]): float(m[2]) for m in re.finditer(r"^step (\d+)/\d+ \| loss ([0-9.]+)", text, re.M)}
 
 
-def test_torchrun_two_nodes_on_one_machine_trains(tmp_path):
-    port = free_port()
-    procs, logs = [], []
-    for node_rank in (0, 1):
-        log = open(tmp_path / f"node{node_rank}.log", "w")
-        env = cpu_env(NNODES="2", NODE_RANK=str(node_rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      GPUS_PER_NODE="1", RDZV_ID=f"test-{port}")
-        procs.append(subprocess.Popen(["bash", str(REPO / "launch/torchrun.sh"), *tiny_train_args(tmp_path)],
-                                      stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO))
-        logs.append(log)
+@contextlib.contextmanager
+def two_nodes(tmp_path, steps):
+    """Two torchrun.sh "nodes" on 127.0.0.1 training the tiny model; yields their Popen objects and
+    kills whatever is still running on the way out. Node i logs to node<i>.log."""
+    port, procs = free_port(), []
     try:
-        codes = [p.wait(timeout=600) for p in procs]
+        for node_rank in (0, 1):
+            env = cpu_env(NNODES="2", NODE_RANK=str(node_rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                          GPUS_PER_NODE="1", RDZV_ID=f"test-{port}")
+            with open(tmp_path / f"node{node_rank}.log", "w") as log:
+                procs.append(subprocess.Popen(["bash", str(REPO / "launch/torchrun.sh"),
+                                               *tiny_train_args(tmp_path, steps=steps)],
+                                              stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO))
+        yield procs
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-        for log in logs:
-            log.close()
-    text = "".join((tmp_path / f"node{i}.log").read_text() for i in (0, 1))
+
+
+def node_log(tmp_path, i) -> str:
+    return (tmp_path / f"node{i}.log").read_text()
+
+
+def test_torchrun_two_nodes_on_one_machine_trains(tmp_path):
+    with two_nodes(tmp_path, 3) as procs:
+        codes = [p.wait(timeout=600) for p in procs]
+    text = node_log(tmp_path, 0) + node_log(tmp_path, 1)
     assert codes == [0, 0], text[-3000:]
     assert "--nnodes 2 --nproc-per-node 1 --node-rank 1 --rdzv-backend c10d" in text
     losses = step_lines(text)
@@ -79,31 +89,21 @@ def test_sigusr1_to_one_node_checkpoints_every_node_and_exits_0(tmp_path):
     """SIGUSR1 to one node's torchrun.sh (what srun forwards near a time limit) reaches that node's
     workers, every rank stops at the same step, the checkpoint is written, and both nodes exit 0:
     an exit 1 from either would make srun --kill-on-bad-exit kill the other mid-checkpoint."""
-    port, steps = free_port(), 500
-    procs = []
-    for node_rank in (0, 1):
-        env = cpu_env(NNODES="2", NODE_RANK=str(node_rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      GPUS_PER_NODE="1", RDZV_ID=f"test-{port}")
-        procs.append(subprocess.Popen(["bash", str(REPO / "launch/torchrun.sh"), *tiny_train_args(tmp_path, steps=steps)],
-                                      stdout=open(tmp_path / f"node{node_rank}.log", "w"), stderr=subprocess.STDOUT,
-                                      env=env, cwd=REPO))
-    log = lambda i: (tmp_path / f"node{i}.log").read_text()  # noqa: E731
-    try:
+    steps = 500
+    logged_step_2 = lambda i: re.search(r"^step 2/", node_log(tmp_path, i), re.M)  # noqa: E731
+    with two_nodes(tmp_path, steps) as procs:
         t0 = time.time()
-        while not any(re.search(r"^step 2/", log(i), re.M) for i in (0, 1)):
-            assert all(p.poll() is None for p in procs) and time.time() - t0 < 600, log(0)[-3000:] + log(1)[-3000:]
+        while not (logged_step_2(0) or logged_step_2(1)):
+            assert all(p.poll() is None for p in procs) and time.time() - t0 < 600, (
+                node_log(tmp_path, 0)[-3000:] + node_log(tmp_path, 1)[-3000:])
             time.sleep(0.2)
         # c10d rendezvous places rank 0 (the one that logs) on either node: signal the other one
-        quiet = 0 if re.search(r"^step 2/", log(1), re.M) else 1
+        quiet = 0 if logged_step_2(1) else 1
         procs[quiet].send_signal(signal.SIGUSR1)
         codes = [p.wait(timeout=600) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    text = log(0) + log(1)
+    text = node_log(tmp_path, 0) + node_log(tmp_path, 1)
     assert codes == [0, 0], text[-4000:]
-    assert "SIGUSR1: forwarding it to the workers" in log(quiet)
+    assert "SIGUSR1: forwarding it to the workers" in node_log(tmp_path, quiet)
     stop = int(re.search(r"received signal \(on another rank\): checkpointing at step (\d+) and exiting", text)[1])
     assert 2 <= stop < steps and max(step_lines(text)) == stop
     assert (tmp_path / "ck" / f"iter_{stop:07d}" / "manifest.json").exists()
