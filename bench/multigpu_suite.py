@@ -140,7 +140,7 @@ def build_plan(args) -> list[Phase]:
         sets = {**base, "run_name": f"multigpu_{name}", **sets}
         train_args = ["--config", RUN_CONFIG, *_sets(*(f"{k}={v}" for k, v in sets.items()))]
         env = {**common_env, "GPUS_PER_NODE": str(g), "MASTER_PORT": str(_free_port()),
-               "TORCHRUN": f"{py} -m torch.distributed.run"}
+               "TORCHRUN": f"{py} launch/torchrun_agent.py"}  # this interpreter
         return Phase(name, ["bash", "launch/torchrun.sh", *train_args], env, timeouts[name], g, layout,
                      train_args, needs, list(before))
 

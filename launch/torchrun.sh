@@ -11,7 +11,8 @@
 #   MASTER_PORT     rendezvous port (default 29500)
 #   GPUS_PER_NODE   processes per node (default: GPUs visible to nvidia-smi; required without GPUs)
 #   RDZV_ID         rendezvous id shared by all nodes of one job (default: $SLURM_JOB_ID, else kla-<port>)
-#   TORCHRUN        the torchrun command (default: "python -m torch.distributed.run")
+#   TORCHRUN        the torchrun command (default: "python launch/torchrun_agent.py": torchrun that
+#                   passes SIGUSR1 to the workers and exits with their status; see that file)
 #   TORCHRUN_ARGS   extra torchrun arguments, e.g. "--numa-binding node" (word-split)
 #   DRY_RUN=1       print the command instead of running it
 # Every argument is passed to `python -m kla_megatron.train` unchanged.
@@ -43,15 +44,17 @@ MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 RDZV_ID=${RDZV_ID:-${SLURM_JOB_ID:-kla-$MASTER_PORT}}
 [ "$#" -gt 0 ] || die "no training arguments: pass at least --config <run config>"
 
-read -r -a torchrun_cmd <<<"${TORCHRUN:-python -m torch.distributed.run}"
 read -r -a extra <<<"${TORCHRUN_ARGS:-}"
 # --shutdown-timeout: on SIGTERM torchrun forwards it and gives the workers this long to write
 # their checkpoint before it kills them (newer torchrun; older ones wait 30 s).
 if [ -z "${TORCHRUN:-}" ]; then
-  # read torch/distributed/run.py instead of `--help`, which imports torch (seconds per call)
+  torchrun_cmd=(python "$(dirname "${BASH_SOURCE[0]}")/torchrun_agent.py")
+  # torchrun_agent.py runs torchrun's own main: read torch/distributed/run.py instead of
+  # `--help`, which imports torch (seconds per call)
   help=$(python -c 'import importlib.util as u; print(u.find_spec("torch").submodule_search_locations[0])' 2>/dev/null |
          xargs -r -I{} cat {}/distributed/run.py 2>/dev/null || true)
 else
+  read -r -a torchrun_cmd <<<"$TORCHRUN"
   help=$("${torchrun_cmd[@]}" --help 2>/dev/null || true)
 fi
 if [[ $help == *--shutdown-timeout* ]]; then
@@ -66,37 +69,4 @@ if [ "${DRY_RUN:-0}" = 1 ]; then
   printf '%q ' "${cmd[@]}"; echo
   exit 0
 fi
-# SIGUSR1 ("checkpoint and exit", e.g. Slurm's --signal before the time limit) is for the workers,
-# not for torchrun's agent: the agent would die of it (default action) or, told to handle it,
-# forward it and then exit 1 whatever the workers did. One node's exit 1 makes
-# `srun --kill-on-bad-exit` kill the other nodes while they are still checkpointing or exiting.
-# So the agent starts with SIGUSR1 ignored (inherited through exec; the trainer installs its own
-# handler) and this shell forwards the signal to the agent's children, the workers (they run in
-# their own sessions, out of reach of a process-group signal). The agent then exits with the
-# workers' status: 0 after a clean checkpoint.
-# shellcheck disable=SC2317  # called by the traps below
-forward_usr1() {
-  local workers
-  workers=$(cat /proc/"$agent"/task/*/children 2>/dev/null || true)
-  echo "[torchrun.sh] node $NODE_RANK: SIGUSR1: forwarding it to the workers ${workers:-(none yet)}" >&2
-  # shellcheck disable=SC2086  # a list of pids
-  [ -z "$workers" ] || kill -USR1 $workers 2>/dev/null || true
-}
-# SIGTERM: inside a Slurm step, slurmstepd signals every process of the step, the agent included
-# (it forwards SIGTERM to the workers and waits --shutdown-timeout), so a second one from here
-# would cut that wait short. Outside Slurm the signal reached only this shell: pass it on.
-# shellcheck disable=SC2317
-forward_term() { if [ -z "${SLURM_STEP_ID:-}" ]; then kill -TERM "$agent" 2>/dev/null || true; fi; }
-trap '' USR1
-"${cmd[@]}" &
-agent=$!
-trap forward_usr1 USR1
-trap forward_term TERM
-# SIGINT (Ctrl-C) reaches the whole foreground process group, the agent included: just outlive it.
-trap : INT
-# `wait` returns early when a trapped signal arrives: keep waiting until the agent has ended.
-while :; do
-  wait "$agent" && rc=0 || rc=$?
-  kill -0 "$agent" 2>/dev/null || break
-done
-exit "$rc"
+exec "${cmd[@]}"

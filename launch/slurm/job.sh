@@ -2,13 +2,13 @@
 # The body of every sbatch template: runs in the batch shell on the job's first node.
 # One srun task per node, each running launch/torchrun.sh, all rendezvousing at the first node.
 #
-# Preemption and time limits: submit with `--signal=B:USR1@<seconds>` (the templates do). Slurm
-# then signals this shell <seconds> before the end; the trap forwards SIGUSR1 to the training
-# processes (through srun and launch/torchrun.sh), the trainer writes a checkpoint at the next step boundary and exits,
-# and this script requeues the job (`scontrol requeue`), which resumes from that checkpoint
-# (checkpoint.resume: auto). The trainer exits 0 when preempted, so the trap, not the exit code,
-# says whether to requeue. SIGTERM (scancel, or preemption with PreemptMode=REQUEUE) is also
-# caught; Slurm has already signalled the steps then.
+# Preemption and time limits: submit with `--signal=B:USR1@<seconds>` (the templates do). Slurm then
+# signals this shell <seconds> before the end; the trap forwards SIGUSR1 to the training processes
+# (through srun and launch/torchrun_agent.py), the trainer writes a checkpoint at the next step
+# boundary and exits, and this script requeues the job (`scontrol requeue`), which resumes from that
+# checkpoint (checkpoint.resume: auto). The trainer exits 0 when preempted, so the trap, not the
+# exit code, says whether to requeue. SIGTERM (scancel, or preemption with PreemptMode=REQUEUE) is
+# also caught; Slurm has already signalled the steps then.
 #
 # Environment (pass with `sbatch --export=ALL,NAME=value`):
 #   GPUS_PER_NODE   processes per node (default: $SLURM_GPUS_ON_NODE, else nvidia-smi's count)
