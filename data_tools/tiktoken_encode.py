@@ -129,9 +129,8 @@ class TiktokenEncoder(FlatEncoder):
         if reason:
             raise ValueError(f"{model_path}: {reason}")
         ranks, ids = rank_table(proto, entries)
-        self._len = np.fromiter(map(len, ids), np.int64, len(ids))
+        self._store, self._len = flatten(ids)
         self._start = np.cumsum(self._len) - self._len
-        self._store = np.fromiter((i for run in ids for i in run), np.int32, int(self._len.sum()))
         cut = _fine_pattern([s for s, kind, _ in entries if kind == proto.SentencePiece.NORMAL]) or _SEGMENT
         self._bpe = tiktoken.Encoding(f"sentencepiece:{model_path}", pat_str=cut.pattern,
                                       mergeable_ranks=ranks, special_tokens={})
