@@ -14,9 +14,10 @@ are loaded two tokens ahead so their memory latency hides behind the arithmetic.
 2. ``_kla_bwd_kernel`` walks the chunks backwards; for each it replays the forward from
    the checkpoint, parking the CHUNK prior states in a per-program scratch block (or, with
    ``BWD_SUBCHUNK``, first the sub-block start states and then SUB steps at a time), then
-   runs the contractive covariance-form adjoint recursion in reverse (the next step's inputs and parked state loaded one step ahead). dk and dq
-   are summed over the program's channels — on the GPU by a warp reduce-scatter of inline
-   PTX shuffles (``_warp_sum_16``) — then atomically added across a head's channel blocks
+   runs the contractive covariance-form adjoint recursion in reverse (the next step's
+   inputs and parked state loaded one step ahead). dk and dq are summed over the program's
+   channels — on the GPU by a warp reduce-scatter of inline PTX shuffles
+   (``_warp_sum_16``) — then atomically added across a head's channel blocks
    (fast) or written to a per-block partial buffer and summed (``deterministic=True``,
    bitwise reproducible; also used when one block covers the head). da and dp stay in
    registers and are written once per program.
