@@ -53,14 +53,23 @@ def job_info(env, jid) -> dict:
     return dict(re.findall(r"(JobState|Restarts|ExitCode)=(\S+)", out))
 
 
-def wait_for(env, jid, done, timeout=600):
+def node_states(env) -> list:
+    return subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, env=env).stdout.split()
+
+
+def poll(probe, done, timeout, what):
+    """``probe()`` every 0.5 s until ``done`` holds for its value (returned); fails after ``timeout`` s."""
     t0 = time.time()
     while time.time() - t0 < timeout:
-        info = job_info(env, jid)
-        if done(info):
-            return info
+        value = probe()
+        if done(value):
+            return value
         time.sleep(0.5)
-    raise AssertionError(f"job {jid} still {job_info(env, jid)} after {timeout}s")
+    raise AssertionError(f"{what} still {probe()} after {timeout}s")
+
+
+def wait_for(env, jid, done, timeout=600):
+    return poll(lambda: job_info(env, jid), done, timeout, f"job {jid}")
 
 
 def submit(env, tmp_path, steps, *extra):
@@ -116,11 +125,7 @@ def test_preemption_signal_checkpoints_requeues_and_resumes(slurm, tmp_path):
     # Slurm holds a requeued job for ~2 minutes (its begin time). Release it sooner, but only once
     # both nodes are idle and a few seconds have passed: slurmd refuses a relaunch whose credential
     # is from the same second as the old one's revocation ("Job credential revoked": FAILED).
-    t0 = time.time()
-    while subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True,
-                         env=slurm).stdout.split() != ["idle", "idle"]:
-        assert time.time() - t0 < 120, cluster_logs(slurm, jid)
-        time.sleep(0.5)
+    poll(lambda: node_states(slurm), lambda states: states == ["idle", "idle"], 120, "nodes")
     time.sleep(3)
     subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], check=True, env=slurm)
     info = wait_for(slurm, jid, lambda i: i.get("JobState") not in ("PENDING", "RUNNING", "CONFIGURING",
