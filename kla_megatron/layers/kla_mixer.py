@@ -53,6 +53,8 @@ from megatron.core.transformer.utils import (
 from megatron.core.utils import divide
 
 from kla_megatron.ops.kla import discretize, kla_decode_step, kla_scan
+from kla_megatron.ops.kla.gate import gated_output
+from kla_megatron.ops.kla.sensors import sensor_activations, torch_sensor_activations
 from kla_megatron.parallel import MODEL_CP_LAYOUT, cp_causal_conv, cp_kla_scan
 from kla_megatron.parallel.sharding import shard
 
@@ -60,9 +62,7 @@ from .inference_state import KLALayerState
 from .sharding import split_sharded_tensor
 
 PRESETS = ("plain", "mamba")
-OBS_VAR_MIN = 1e-4  # floor on the observation variance (reference `obs_var_min`)
 P_MIN = 1e-7  # learned process noise is clamped here (reference); keeps p ≥ 0
-L2_EPS = 1e-12
 
 
 @dataclass(kw_only=True)
@@ -141,10 +141,6 @@ class KLAMixerSubmodules:
 
     in_proj: Union[ModuleSpec, type] = None
     out_proj: Union[ModuleSpec, type] = None
-
-
-def _l2_normalize(x: torch.Tensor) -> torch.Tensor:
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(L2_EPS)
 
 
 def _mark(param: torch.nn.Parameter, *, tp_dim: Optional[int], no_wd: bool, lr_mult: float = 1.0):
@@ -339,18 +335,21 @@ class KLAMixer(MegatronModule):
         return out, cu_seqlens
 
     def sensors(self, z: torch.Tensor):
-        """z ``[b, s, M_local]`` → v, Λv ``[b, s, H, P]``; k, q ``[b, s, H, S]`` (scan dtype)."""
+        """z ``[b, s, M_local]`` → v, Λv ``[b, s, H, P]``; k, q ``[b, s, H, S]``, in z's dtype.
+
+        The block-diagonal projection is one batched matmul over heads reading z in place
+        (``[H, b·s, P]`` strided view) and emitting the head-major ``[H, b, s, O]`` that the fused
+        sensor kernel (``ops/kla/sensors.py``) reads; only the "mamba" preset (v = z, low-rank
+        variance) goes through the PyTorch form."""
         b, s, _ = z.shape
         H, P, S = self.num_heads_local, self.head_dim, self.d_state
-        zh = z.view(b, s, H, P)
-        out = torch.einsum("bshp,hop->bsho", zh, self.sensor_weight.to(z.dtype))
-        v, log_var, k, q = torch.split(out, [self.w_v, self.w_var, S, S], dim=-1)
-        if self.mc.preset == "mamba":
-            v = zh
-            log_var = torch.einsum("bshr,hpr->bshp", log_var, self.var_expand.to(z.dtype))
-        dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
-        lambda_v = 1.0 / (F.softplus(log_var.to(dtype)) + OBS_VAR_MIN)
-        return v.to(dtype), lambda_v, _l2_normalize(k.to(dtype)), _l2_normalize(q.to(dtype))
+        z_heads = z.reshape(b * s, H, P).transpose(0, 1)
+        sens = torch.bmm(z_heads, self.sensor_weight.to(z.dtype).transpose(1, 2)).view(H, b, s, -1)
+        if self.mc.preset == "plain":
+            return sensor_activations(sens, S, backend=self.mc.scan_backend)
+        log_var, k, q = (x.permute(1, 2, 0, 3) for x in torch.split(sens, [self.w_var, S, S], dim=-1))
+        log_var = torch.einsum("bshr,hpr->bshp", log_var, self.var_expand.to(z.dtype))
+        return torch_sensor_activations(z.view(b, s, H, P), log_var, k, q)
 
     def scan(self, v, lambda_v, k, q, a, p, initial_state=None, cu_seqlens=None, output_final_state=False):
         """The filter over the local heads (see ``kla_scan``); one call site for CP routing."""
@@ -359,6 +358,9 @@ class KLAMixer(MegatronModule):
             kwargs = dict(initial_state=tuple(state) if state else None, output_final_state=output_final_state,
                           cu_seqlens=cu_seqlens, backend=self.mc.scan_backend)
             if self.cp_size > 1:
+                # the carry exchange composes transforms in the inputs' dtype: keep it fp32
+                v, lambda_v, k, q = (x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+                                     for x in (v, lambda_v, k, q))
                 return cp_kla_scan(v, lambda_v, k, q, a, p, cp_group=self.cp_group, layout=MODEL_CP_LAYOUT, **kwargs)
             return kla_scan(v, lambda_v, k, q, a, p, check_values=False, **kwargs)
 
@@ -417,16 +419,14 @@ class KLAMixer(MegatronModule):
         if inference_state is not None:
             inference_state.conv, inference_state.ssm = new_window.detach(), tuple(t.detach() for t in new_state)
 
-        y = y.reshape(b, s, self.d_inner_local).to(z.dtype)
         # λ_skip sees only this rank's channels: copy_to_... all-reduces its gradient over TP.
         lambda_skip = copy_to_tensor_model_parallel_region(self.lambda_skip, group=self.tp_group)
-        y = y + lambda_skip.to(z.dtype) * z
-        g = F.silu(gate)
-        y = (y * g).transpose(0, 1).contiguous()  # [s, b, M_local]
+        y = gated_output(y.reshape(b, s, self.d_inner_local), z, gate, lambda_skip,
+                         backend=self.mc.scan_backend)  # [s, b, M_local]
         out = self.out_proj(y)
         if not return_variance:
             return out
-        y_var = (y_var.reshape(b, s, self.d_inner_local).to(z.dtype) * g.square()).transpose(0, 1)
+        y_var = (y_var.reshape(b, s, self.d_inner_local).to(z.dtype) * F.silu(gate).square()).transpose(0, 1)
         return out, self._output_variance(y_var)
 
     def _output_variance(self, y_var: torch.Tensor) -> torch.Tensor:
