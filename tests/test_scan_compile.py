@@ -99,10 +99,12 @@ def test_custom_ops_pass_opcheck():
     args = _op_args(x)
     cu = torch.tensor([0, 5, 40], device=DEVICE)
     fwd = torch.ops.kla.chunk_fwd
-    torch.library.opcheck(fwd, (*args, lam0, eta0, None, True, True, False), test_utils=_FWD_CHECKS)
-    torch.library.opcheck(fwd, (*args, None, None, None, False, True, True), test_utils=_FWD_CHECKS)
-    torch.library.opcheck(fwd, (*_op_args(x, rows=1), None, None, cu, True, True, False), test_utils=_FWD_CHECKS)
-    torch.library.opcheck(torch.ops.kla.split_fwd, (*args, lam0, eta0, 32, False), test_utils=_FWD_CHECKS)
+    torch.library.opcheck(fwd, (*args, lam0, eta0, None, True, True, False, True), test_utils=_FWD_CHECKS)
+    torch.library.opcheck(fwd, (*args, None, None, None, False, True, True, False), test_utils=_FWD_CHECKS)
+    torch.library.opcheck(fwd, (*_op_args(x, rows=1), None, None, cu, True, True, False, True),
+                          test_utils=_FWD_CHECKS)
+    torch.library.opcheck(torch.ops.kla.split_fwd, (*args, lam0, eta0, 32, False, True), test_utils=_FWD_CHECKS)
+    torch.library.opcheck(torch.ops.kla.split_fwd, (*args, lam0, eta0, 32, False, False), test_utils=_FWD_CHECKS)
 
     # Backward ops: all checks, on saved tensors from a real forward.
     plain = [a.detach() for a in args]
@@ -111,7 +113,9 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.kla.chunk_bwd, (*plain, lam0, eta0, *final, *ck, None, gy, gy, gl, gl, True))
     torch.library.opcheck(torch.ops.kla.chunk_bwd, (*plain, None, None, None, None, *ck, None, gy, gy, None, None,
                                                     True))
-    saved = torch.ops.kla.split_fwd(*plain, lam0, eta0, 32, True)
+    torch.library.opcheck(torch.ops.kla.chunk_bwd, (*plain, None, None, None, None, *ck, None, gy, None, None, None,
+                                                    True))
+    saved = torch.ops.kla.split_fwd(*plain, lam0, eta0, 32, True, True)
     torch.library.opcheck(torch.ops.kla.split_bwd, (*plain, *saved[4:6], *saved[2:4], *saved[6:], gy, gy, gl, gl,
                                                     32, True))
 

@@ -351,7 +351,8 @@ class KLAMixer(MegatronModule):
         log_var = torch.einsum("bshr,hpr->bshp", log_var, self.var_expand.to(z.dtype))
         return torch_sensor_activations(z.view(b, s, H, P), log_var, k, q)
 
-    def scan(self, v, lambda_v, k, q, a, p, initial_state=None, cu_seqlens=None, output_final_state=False):
+    def scan(self, v, lambda_v, k, q, a, p, initial_state=None, cu_seqlens=None, output_final_state=False,
+             output_variance=True):
         """The filter over the local heads (see ``kla_scan``); one call site for CP routing."""
 
         def run(v, lambda_v, k, q, a, p, *state):
@@ -362,7 +363,7 @@ class KLAMixer(MegatronModule):
                 v, lambda_v, k, q = (x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
                                      for x in (v, lambda_v, k, q))
                 return cp_kla_scan(v, lambda_v, k, q, a, p, cp_group=self.cp_group, layout=MODEL_CP_LAYOUT, **kwargs)
-            return kla_scan(v, lambda_v, k, q, a, p, check_values=False, **kwargs)
+            return kla_scan(v, lambda_v, k, q, a, p, check_values=False, output_variance=output_variance, **kwargs)
 
         state = tuple(initial_state) if initial_state is not None else ()
         with torch.autocast(device_type=v.device.type, enabled=False):
@@ -414,7 +415,7 @@ class KLAMixer(MegatronModule):
             initial = inference_state.ssm if inference_state is not None else None
             y, y_var, new_state = self.scan(
                 v, lambda_v, k, q, a, p, initial_state=initial, cu_seqlens=cu_seqlens,
-                output_final_state=inference_state is not None,
+                output_final_state=inference_state is not None, output_variance=return_variance,
             )
         if inference_state is not None:
             inference_state.conv, inference_state.ssm = new_window.detach(), tuple(t.detach() for t in new_state)

@@ -146,7 +146,7 @@ def _kla_fwd_kernel(
     T, H: tl.constexpr, P: tl.constexpr, S: tl.constexpr,
     BP: tl.constexpr, BS: tl.constexpr, CHUNK: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
-    SAVE_CHECKPOINTS: tl.constexpr, IS_VARLEN: tl.constexpr, FAST_RCP: tl.constexpr,
+    SAVE_CHECKPOINTS: tl.constexpr, IS_VARLEN: tl.constexpr, FAST_RCP: tl.constexpr, STORE_VAR: tl.constexpr,
 ):
     i_nh, i_p = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
@@ -180,7 +180,8 @@ def _kla_fwd_kernel(
         b_q = b_q.to(tl.float32)
         o_tp = (t * H + i_h) * P + o_p
         tl.store(y + o_tp, tl.sum(b_q[:, None] * b_mu, axis=0).to(y.dtype.element_ty), mask=m_p)
-        tl.store(y_var + o_tp, tl.sum((b_q * b_q)[:, None] * b_sigma, axis=0).to(y_var.dtype.element_ty), mask=m_p)
+        if STORE_VAR:
+            tl.store(y_var + o_tp, tl.sum((b_q * b_q)[:, None] * b_sigma, axis=0).to(y_var.dtype.element_ty), mask=m_p)
 
     if STORE_FINAL_STATE:
         b_lam = 1.0 / b_sigma
@@ -211,14 +212,17 @@ def _replay(v, lambda_v, k, q, t0, n, b_sigma, b_mu, p_sigma, p_mu, stride, o_sc
 @triton.jit
 def _load_reverse_step(v, lambda_v, k, q, d_y, d_yvar, p_scr_sigma, p_scr_mu, o_scr, t0, i,
                        i_h, o_p, o_s, m_p, m_s, H: tl.constexpr, P: tl.constexpr, S: tl.constexpr,
-                       BS: tl.constexpr, BP: tl.constexpr):
+                       BS: tl.constexpr, BP: tl.constexpr, HAS_VAR: tl.constexpr):
     """Everything step i of a chunk's reverse sweep reads: token inputs, the read-out
-    cotangents and the prior state parked in scratch by the replay."""
+    cotangents (y_var's only if it has one) and the prior state parked in scratch by the replay."""
     t = t0 + i
     b_v, b_lv, b_k, b_q = _load_token(v, lambda_v, k, q, t, i_h, o_p, o_s, m_p, m_s, H, P, S)
     o_tp = (t * H + i_h) * P + o_p
     b_gy = tl.load(d_y + o_tp, mask=m_p, other=0.0)
-    b_gv = tl.load(d_yvar + o_tp, mask=m_p, other=0.0)
+    if HAS_VAR:
+        b_gv = tl.load(d_yvar + o_tp, mask=m_p, other=0.0)
+    else:
+        b_gv = b_gy  # unused
     b_sp = tl.load(p_scr_sigma + i * BS * BP + o_scr)
     b_mp = tl.load(p_scr_mu + i * BS * BP + o_scr)
     return b_v, b_lv, b_k, b_q, b_gy, b_gv, b_sp, b_mp
@@ -270,6 +274,7 @@ def _kla_bwd_kernel(
     USE_INITIAL_STATE: tl.constexpr, END_ADJOINT: tl.constexpr,
     IS_VARLEN: tl.constexpr, DETERMINISTIC: tl.constexpr, N_PBLOCKS: tl.constexpr,
     MAP_ONLY: tl.constexpr, FAST_RCP: tl.constexpr, WARP_REDUCE: tl.constexpr, SUB: tl.constexpr,
+    HAS_VAR: tl.constexpr,
 ):
     # END_ADJOINT: 0 = none, 1 = cotangent of the final (lam, eta), 2 = adjoint of the final
     # (mu, sigma) given directly (time-split and context-parallel carries).
@@ -336,21 +341,24 @@ def _kla_bwd_kernel(
             # loaded one step ahead.
             n_v, n_lv, n_k, n_q, n_gy, n_gv, n_sp, n_mp = _load_reverse_step(
                 v, lambda_v, k, q, d_y, d_yvar, p_scr_sigma, p_scr_mu, o_scr, tb, nb - 1,
-                i_h, o_p, o_s, m_p, m_s, H, P, S, BS, BP)
+                i_h, o_p, o_s, m_p, m_s, H, P, S, BS, BP, HAS_VAR)
             for ii in range(0, nb):
                 i = nb - 1 - ii
                 t = tb + i
                 b_v, b_lv, b_k, b_q, b_gy, b_gv, b_sp, b_mp = n_v, n_lv, n_k, n_q, n_gy, n_gv, n_sp, n_mp
                 n_v, n_lv, n_k, n_q, n_gy, n_gv, n_sp, n_mp = _load_reverse_step(
                     v, lambda_v, k, q, d_y, d_yvar, p_scr_sigma, p_scr_mu, o_scr, tb, tl.maximum(i - 1, 0),
-                    i_h, o_p, o_s, m_p, m_s, H, P, S, BS, BP)
+                    i_h, o_p, o_s, m_p, m_s, H, P, S, BS, BP, HAS_VAR)
                 o_tp = (t * H + i_h) * P + o_p
                 b_gy, b_gv = b_gy.to(tl.float32), b_gv.to(tl.float32)
                 b_phi, b_r = _observation(b_v, b_lv, b_k)
                 b_sigma, b_mu, b_iota = _step(b_sp, b_mp, b_phi, b_r, b_a, b_a2, b_noise, FAST_RCP)
                 b_q = b_q.to(tl.float32)
                 b_M = b_q[:, None] * b_gy[None, :] + b_cM
-                b_S = (b_q * b_q)[:, None] * b_gv[None, :] + b_cS
+                if HAS_VAR:
+                    b_S = (b_q * b_q)[:, None] * b_gv[None, :] + b_cS
+                else:
+                    b_S = b_cS
                 # P̄ = ι(ι·S̄ + (r − φ·μ_t)·M̄), with r − φ·μ_t = ι·(r − φ·a·μ_{t−1}): the second
                 # form avoids cancelling r against φ·μ_t ≈ r when observations are sharp.
                 b_innov = b_r - b_phi * b_a * b_mp
@@ -378,7 +386,9 @@ def _kla_bwd_kernel(
                     # dk, dq sum over channels: within the program here, then either one partial
                     # row per channel block ([N_PBLOCKS, tokens, H, S], summed outside) or atomics.
                     b_dk = 2.0 * b_kf[:, None] * b_lv[None, :] * b_dphi + b_vlv[None, :] * b_dr
-                    b_dq = b_gy[None, :] * b_mu + 2.0 * b_q[:, None] * b_gv[None, :] * b_sigma
+                    b_dq = b_gy[None, :] * b_mu
+                    if HAS_VAR:
+                        b_dq += 2.0 * b_q[:, None] * b_gv[None, :] * b_sigma
                     o_ts = (t * H + i_h) * S
                     if DETERMINISTIC or N_PBLOCKS == 1:
                         o_ts += i_p.to(tl.int64) * n_tokens * H * S
@@ -455,14 +465,16 @@ def _prepare(v, cu_seqlens):
     return cu_seqlens.numel() - 1, 0, cu_seqlens.to(device=v.device, dtype=torch.int32).contiguous(), True
 
 
-def kla_fwd(v, lambda_v, k, q, a, p, lam0, eta0, cu_seqlens, output_final_state, save_checkpoints):
+def kla_fwd(v, lambda_v, k, q, a, p, lam0, eta0, cu_seqlens, output_final_state, save_checkpoints,
+            output_variance=True):
+    """Forward pass; without ``output_variance`` y_var is neither computed nor allocated (None)."""
     B, L, H, P = v.shape
     S = k.shape[-1]
     n_seq, T, cu, is_varlen = _prepare(v, cu_seqlens)
     a, p, lam0, eta0 = (to_kernel(x) for x in (a, p, lam0, eta0))
     k, q = _kq_for_kernel(k, q)
     y = torch.empty_like(v)
-    y_var = torch.empty_like(v)
+    y_var = torch.empty_like(v) if output_variance else None
     state_shape = (n_seq, H, S, P)
     lam_t = v.new_empty(state_shape, dtype=torch.float32) if output_final_state else y
     eta_t = v.new_empty(state_shape, dtype=torch.float32) if output_final_state else y
@@ -474,10 +486,11 @@ def kla_fwd(v, lambda_v, k, q, a, p, lam0, eta0, cu_seqlens, output_final_state,
     _kla_fwd_kernel[grid](
         v, lambda_v, k, q, a, p,
         lam0 if lam0 is not None else y, eta0 if eta0 is not None else y,
-        y, y_var, lam_t, eta_t, ck_sigma, ck_mu, cu,
+        y, y if y_var is None else y_var, lam_t, eta_t, ck_sigma, ck_mu, cu,
         T, H=H, P=P, S=S, BP=BP, BS=BS, CHUNK=CHUNK,
         USE_INITIAL_STATE=lam0 is not None, STORE_FINAL_STATE=output_final_state,
-        SAVE_CHECKPOINTS=save_checkpoints, IS_VARLEN=is_varlen, FAST_RCP=_gpu_compiled(v), num_warps=warps,
+        SAVE_CHECKPOINTS=save_checkpoints, IS_VARLEN=is_varlen, FAST_RCP=_gpu_compiled(v),
+        STORE_VAR=output_variance, num_warps=warps,
     )
     final = (from_kernel(lam_t), from_kernel(eta_t)) if output_final_state else None
     return y, y_var, final, (ck_sigma, ck_mu)
@@ -485,7 +498,8 @@ def kla_fwd(v, lambda_v, k, q, a, p, lam0, eta0, cu_seqlens, output_final_state,
 
 def kla_bwd(v, lambda_v, k, q, a, p, lam0, eta0, final, checkpoints, cu_seqlens,
             d_y, d_yvar, d_lam_t, d_eta_t, deterministic, end_adjoint=None, map_only=False):
-    """Gradients of the scan, or with ``map_only`` its adjoint maps (Q, o).
+    """Gradients of the scan, or with ``map_only`` its adjoint maps (Q, o). ``d_yvar`` None: y_var
+    has no cotangent (not returned, or unused), and the kernel skips its terms.
 
     The end adjoint comes either as the cotangent ``(d_lam_t, d_eta_t)`` of the final state
     or, with ``end_adjoint`` ``[2, N, H, P, S]``, directly as the (μ, σ) adjoint.
@@ -534,13 +548,13 @@ def kla_bwd(v, lambda_v, k, q, a, p, lam0, eta0, final, checkpoints, cu_seqlens,
         v, lambda_v, k, q, a, p,
         lam0 if lam0 is not None else dummy, eta0 if eta0 is not None else dummy, lam_t, eta_t,
         checkpoints[0], checkpoints[1], cu, scratch,
-        d_y, d_yvar, end_a, end_b,
+        d_y, d_y if d_yvar is None else d_yvar, end_a, end_b,
         d_v, d_lv, d_k, d_q, d_a, d_p, d_lam0, d_eta0, map_q, map_o,
         T, B * L, H=H, P=P, S=S, BP=BP, BS=BS, CHUNK=CHUNK,
         USE_INITIAL_STATE=lam0 is not None, END_ADJOINT=mode,
         IS_VARLEN=is_varlen, DETERMINISTIC=deterministic, N_PBLOCKS=n_pblocks, MAP_ONLY=map_only,
         FAST_RCP=_gpu_compiled(v), WARP_REDUCE=_gpu_compiled(v) and WARP_REDUCE and BS == 16 and BP == 32,
-        SUB=sub, num_warps=warps,
+        SUB=sub, HAS_VAR=d_yvar is not None, num_warps=warps,
     )
     if map_only:
         return from_kernel(map_q), from_kernel(map_o)

@@ -87,7 +87,7 @@ def _end_adjoints(q_map, o_map, last_end, B, n_seg):
     return torch.stack(ends[::-1], 2).flatten(1, 2)
 
 
-def split_fwd(v, lambda_v, k, q, a, p, lam0, eta0, segment_len):
+def split_fwd(v, lambda_v, k, q, a, p, lam0, eta0, segment_len, output_variance=True):
     """Forward over segments (inputs contiguous, a/p/state fp32; ``lam0`` may be None).
 
     Returns ``(y, y_var, lam_f, eta_f, lam_s, eta_s, ck_sigma, ck_mu)``: the final and start
@@ -102,7 +102,7 @@ def split_fwd(v, lambda_v, k, q, a, p, lam0, eta0, segment_len):
         eta0 = torch.zeros_like(lam0)
     transforms = triton_chunk_transforms(v * lambda_v, lambda_v, k, a, p, cu_seqlens=cu)
     lam_s, eta_s = _start_states(transforms, lam0, eta0, B, n_seg)
-    y, y_var, (lam_f, eta_f), ck = kla_fwd(v, lambda_v, k, q, a, p, lam_s, eta_s, cu, True, True)
+    y, y_var, (lam_f, eta_f), ck = kla_fwd(v, lambda_v, k, q, a, p, lam_s, eta_s, cu, True, True, output_variance)
     return y, y_var, lam_f, eta_f, lam_s, eta_s, *ck
 
 

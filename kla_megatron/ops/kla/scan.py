@@ -140,6 +140,7 @@ def kla_scan(
     backend: str = "auto",
     check_values: bool = True,
     deterministic: bool = False,
+    output_variance: bool = True,
 ):
     """Run the KLA filter over a sequence (multi-head; see the glossary above).
 
@@ -156,9 +157,12 @@ def kla_scan(
         check_values: check value constraints (reads back to host: off inside layers, under
             torch.compile and in CUDA graphs).
         deterministic: Triton backward without atomics (bitwise reproducible).
+        output_variance: also compute ``y_var`` (else it is returned as None; the Triton
+            kernels then skip its arithmetic and memory traffic both ways).
 
     Returns:
-        ``(y, y_var, final_state)``: ``y``, ``y_var`` ``[B, L, H, P]`` in the dtype of ``v``;
+        ``(y, y_var, final_state)``: ``y``, ``y_var`` ``[B, L, H, P]`` in the dtype of ``v`` (``y_var`` None without
+        ``output_variance``);
         ``final_state`` is ``(lam, eta)`` ``[N, H, P, S]`` in fp32 (fp64 for fp64 inputs)
         or ``None``.
 
@@ -179,13 +183,12 @@ def kla_scan(
         _check_values(lambda_v, a, p, initial_state, cu_seqlens, v.shape[1])
     backend = _resolve_backend(backend, v.device)
     args = (v, lambda_v, k, q, a, p, initial_state, output_final_state, cu_seqlens)
-    if backend == "naive":
-        return naive_kla_scan(*args)
-    if backend == "torch":
-        return torch_kla_scan(*args)
+    if backend in ("naive", "torch"):
+        y, y_var, final = (naive_kla_scan if backend == "naive" else torch_kla_scan)(*args)
+        return y, (y_var if output_variance else None), final
     from .triton_scan import triton_kla_scan
 
-    return triton_kla_scan(*args, deterministic=deterministic)
+    return triton_kla_scan(*args, deterministic=deterministic, output_variance=output_variance)
 
 
 def kla_decode_step(v, lambda_v, k, q, a, p, state: State, *, backend: str = "auto"):
