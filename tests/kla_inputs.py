@@ -80,6 +80,7 @@ def outputs_and_grads(scan, inputs, seed=1, **kw):
     gen = torch.Generator().manual_seed(seed)
     loss = 0
     outs = {"y": y, "y_var": y_var, "lam": lam, "eta": eta}
+    outs = {name: o for name, o in outs.items() if o is not None}  # y_var without output_variance
     for name, o in outs.items():
         w = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(device=o.device, dtype=o.dtype)
         # Scale cotangents so every term contributes comparably to the loss.

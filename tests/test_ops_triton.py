@@ -45,6 +45,27 @@ def _check(shape, regime, seed, *, cu=None, with_state=True, deterministic=False
     assert_close_all({k: v.cpu() for k, v in grad.items()}, ref_grad, grad_tol, f"grads {shape} {regime}")
 
 
+
+@pytest.mark.parametrize("path", ["one-pass", "time-split", "packed"])
+def test_without_variance_matches_naive(path):
+    """output_variance=False: y_var is None, and y, the final state and every gradient (now
+    without the y_var terms in the backward) still match the float64 loop."""
+    shape, kw, cu = (2, 70, 2, 5, 3), {}, None
+    if path == "time-split":
+        kw = {"segment_len": 32}
+    if path == "packed":
+        shape, cu = (1, 70, 2, 5, 3), [0, 9, 10, 70]
+    n_seq = None if cu is None else len(cu) - 1
+    x32 = make_inputs(*shape, regime="default", seed=8, n_seq=n_seq, dtype=torch.float32)
+    extra = {} if cu is None else {"cu_seqlens": torch.tensor(cu)}
+    ref_out, ref_grad = outputs_and_grads(functools.partial(naive, output_variance=False), upcast(x32), **extra)
+    scan = functools.partial(triton_kla_scan_kw, output_variance=False, **kw)
+    extra = {k: v.to(DEVICE) for k, v in extra.items()}
+    out, grad = outputs_and_grads(scan, _to(x32, DEVICE), **extra)
+    assert "y_var" not in out and "y_var" not in ref_out
+    assert_close_all({k: v.cpu() for k, v in out.items()}, ref_out, FP32_TOL, f"outputs {path}")
+    assert_close_all({k: v.cpu() for k, v in grad.items()}, ref_grad, FP32_TOL, f"grads {path}")
+
 @pytest.mark.parametrize(
     "shape,regime,cu,with_state,deterministic",
     [
