@@ -22,7 +22,8 @@ def enable_cpu_megatron() -> None:
 def load_model_config(run: RunConfig):
     """The run's model config, with the vocabulary padded to a multiple of 128 so that the
     embedding splits over any power-of-two tensor-parallel size (and so checkpoints reshard
-    between TP sizes: the padded size does not depend on TP)."""
+    between TP sizes: the padded size does not depend on TP). A ``train.seq_length`` above the
+    model's ``max_seq_len`` is rejected (ValueError)."""
     import dataclasses
     import math
 
@@ -30,6 +31,10 @@ def load_model_config(run: RunConfig):
         cfg = models_api().load_model_config(run.model)
     except FileNotFoundError as exc:
         raise ValueError(f"model: {exc}") from None
+    if run.train.seq_length > cfg.max_seq_len:
+        raise ValueError(f"train.seq_length {run.train.seq_length} is longer than the model's max_seq_len "
+                         f"{cfg.max_seq_len} ({run.model}); use a model config with max_seq_len >= "
+                         f"{run.train.seq_length}")
     if run.train.recompute == "selective":
         cfg = dataclasses.replace(cfg, recompute_scan=True)
     if run.train.kla_backend != "auto":
