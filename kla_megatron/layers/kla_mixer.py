@@ -85,7 +85,8 @@ class KLAMixerConfig:
     scan_backend: str = "auto"
     """kla_scan backend: "auto", "torch", "triton", "naive"."""
     recompute_scan: bool = False
-    """Recompute the scan in backward instead of keeping its internals."""
+    """Selective recompute: keep only the post-conv z and the gate for backward and run the sensor
+    activations, the scan and the output gate again there (train.recompute=selective)."""
     ssm_lr_mult: float = 0.1
     """Learning-rate multiplier the optimizer applies to A_log, Δ_raw, p."""
     dt_min: float = 1e-3
@@ -367,9 +368,30 @@ class KLAMixer(MegatronModule):
 
         state = tuple(initial_state) if initial_state is not None else ()
         with torch.autocast(device_type=v.device.type, enabled=False):
-            if self.mc.recompute_scan and torch.is_grad_enabled():
-                return torch.utils.checkpoint.checkpoint(run, v, lambda_v, k, q, a, p, *state, use_reentrant=False)
             return run(v, lambda_v, k, q, a, p, *state)
+
+    def filter(self, z, gate, lambda_skip, cu_seqlens=None, inference_state=None, return_variance=False):
+        """Everything between the conv and out_proj: sensors → scan (or one decode step) → output
+        gate. z, gate ``[b, s, M_local]``. Returns ``(gated y [s, b, M_local], y_var [b, s, M_local]
+        or None, the new filter state or None)``; reads but does not update ``inference_state``."""
+        b, s, _ = z.shape
+        v, lambda_v, k, q = self.sensors(z)
+        a, p = self.dynamics()
+        if inference_state is not None and s == 1 and cu_seqlens is None:
+            y, y_var, new_state = kla_decode_step(
+                v[:, 0], lambda_v[:, 0], k[:, 0], q[:, 0], a, p, inference_state.ssm, backend=self.mc.scan_backend
+            )
+            y, y_var = y[:, None], y_var[:, None]
+        else:
+            initial = inference_state.ssm if inference_state is not None else None
+            y, y_var, new_state = self.scan(
+                v, lambda_v, k, q, a, p, initial_state=initial, cu_seqlens=cu_seqlens,
+                output_final_state=inference_state is not None, output_variance=return_variance,
+            )
+        out = gated_output(y.reshape(b, s, self.d_inner_local), z, gate, lambda_skip, backend=self.mc.scan_backend)
+        if y_var is not None:
+            y_var = y_var.reshape(b, s, self.d_inner_local)
+        return out, y_var, new_state
 
     # ------------------------------------------------------------------ forward
 
@@ -404,30 +426,21 @@ class KLAMixer(MegatronModule):
             z, new_window = self.causal_conv(z, window, position_in_doc)
         z = F.silu(z)
 
-        v, lambda_v, k, q = self.sensors(z)
-        a, p = self.dynamics()
-        if inference_state is not None and s == 1 and cu_seqlens is None:
-            y, y_var, new_state = kla_decode_step(
-                v[:, 0], lambda_v[:, 0], k[:, 0], q[:, 0], a, p, inference_state.ssm, backend=self.mc.scan_backend
-            )
-            y, y_var = y[:, None], y_var[:, None]
-        else:
-            initial = inference_state.ssm if inference_state is not None else None
-            y, y_var, new_state = self.scan(
-                v, lambda_v, k, q, a, p, initial_state=initial, cu_seqlens=cu_seqlens,
-                output_final_state=inference_state is not None, output_variance=return_variance,
-            )
-        if inference_state is not None:
-            inference_state.conv, inference_state.ssm = new_window.detach(), tuple(t.detach() for t in new_state)
-
         # λ_skip sees only this rank's channels: copy_to_... all-reduces its gradient over TP.
         lambda_skip = copy_to_tensor_model_parallel_region(self.lambda_skip, group=self.tp_group)
-        y = gated_output(y.reshape(b, s, self.d_inner_local), z, gate, lambda_skip,
-                         backend=self.mc.scan_backend)  # [s, b, M_local]
+        if self.mc.recompute_scan and torch.is_grad_enabled() and inference_state is None and not return_variance:
+            # Selective recompute: keep only z and gate (alive anyway) for backward; the sensor
+            # activations, the scan's inputs and checkpoints and its read-out run again there.
+            y, y_var, new_state = torch.utils.checkpoint.checkpoint(self.filter, z, gate, lambda_skip, cu_seqlens,
+                                                                    use_reentrant=False)
+        else:
+            y, y_var, new_state = self.filter(z, gate, lambda_skip, cu_seqlens, inference_state, return_variance)
+        if inference_state is not None:
+            inference_state.conv, inference_state.ssm = new_window.detach(), tuple(t.detach() for t in new_state)
         out = self.out_proj(y)
         if not return_variance:
             return out
-        y_var = (y_var.reshape(b, s, self.d_inner_local).to(z.dtype) * F.silu(gate).square()).transpose(0, 1)
+        y_var = (y_var.to(z.dtype) * F.silu(gate).square()).transpose(0, 1)
         return out, self._output_variance(y_var)
 
     def _output_variance(self, y_var: torch.Tensor) -> torch.Tensor:
