@@ -67,7 +67,7 @@ def body(rank, world):
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.enums import AttnMaskType
 
-    from kla_megatron.parallel.cp_attention import CPDotProductAttention
+    from kla_megatron.parallel.cp_attention import CoreAttention
 
     group = dist.group.WORLD
     results = {}
@@ -85,7 +85,7 @@ def body(rank, world):
                             context_parallel_size=world, attention_dropout=0.0, use_cpu_initialization=True)
     q, k, v, go = attn_inputs()
     for layout in ("contiguous", "load_balanced"):
-        core = CPDotProductAttention(cfg, 1, AttnMaskType.causal, "self", cp_layout=layout)
+        core = CoreAttention(cfg, 1, AttnMaskType.causal, "self", cp_layout=layout)
         for packed in (False, True):
             psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=torch.tensor(CU, dtype=torch.int32),
                                   cu_seqlens_kv=torch.tensor(CU, dtype=torch.int32)) if packed else None

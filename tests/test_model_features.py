@@ -157,4 +157,5 @@ def test_cpu_shim_is_idempotent_and_records_call_sites(results):
     first, second, shims = results["shim"]
     assert first is True and second is True
     # The runs above reached megatron's CUDA-only device and RNG paths through the shim.
-    assert "torch.cuda.current_device" in shims and "megatron _get_cuda_rng_state" in shims
+    assert any(s == "torch.cuda.current_device" or s.startswith("device='cuda'") for s in shims), shims
+    assert "megatron _get_cuda_rng_state" in shims

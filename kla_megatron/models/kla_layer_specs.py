@@ -1,6 +1,7 @@
 """Layer specs for KLA and hybrid stacks, built only from megatron-core modules that work
 without Transformer Engine (local ColumnParallelLinear / RowParallelLinear, core
-SelfAttention + DotProductAttention, MLP) and our SP-safe ``KLANorm``.
+SelfAttention, MLP), our SP-safe ``KLANorm`` and our core attention (flash kernels, packed
+documents and CP without TE; TE's core when TE is installed: ``cp_core_attention``).
 
 ``layer_specs(cfg)`` maps each pattern symbol to its spec; the stack looks symbols up in
 that dict (a new layer kind is a new entry, not a new branch).
@@ -47,7 +48,7 @@ def attention_layer_spec() -> ModuleSpec:
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=ColumnParallelLinear,
-                    core_attention=cp_core_attention,  # DotProductAttention at CP=1
+                    core_attention=cp_core_attention,  # TE's core if installed, else CoreAttention
                     linear_proj=RowParallelLinear,
                     q_layernorm=IdentityOp,
                     k_layernorm=IdentityOp,
