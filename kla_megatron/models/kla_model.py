@@ -5,8 +5,8 @@ labels, else logits ``[b, s, vocab]`` gathered over TP).
 Pipeline stages: ``pre_process`` owns the embedding, ``post_process`` the final norm and the
 output layer; the pattern is split across stages by the stack. Packed sequences:
 ``packed_seq_params.cu_seqlens_q`` (micro-batch 1) restart every KLA layer's conv and filter
-per document; `*` layers get a block-diagonal causal mask instead (local attention has no
-packed path). Recompute: ``TransformerConfig.recompute_granularity="full"`` recomputes whole
+per document; `*` layers get the same offsets (``attention_packing``: flash varlen on GPU, no
+s×s mask). Recompute: ``TransformerConfig.recompute_granularity="full"`` recomputes whole
 layers; ``KLAModelConfig.recompute_scan`` only the KLA scans.
 """
 from __future__ import annotations
@@ -102,8 +102,6 @@ class KLAModel(LanguageModule):
         if self.position_embedding_type == "rope":
             rotary_pos_emb = cp_rotary_embedding(self.rotary_pos_emb, self._sequence_length(input_ids, decoder_input),
                                                  self.pg_collection.cp)
-        if self.has_attention and packed_seq_params is not None and attention_mask is None:
-            attention_mask = _document_causal_mask(packed_seq_params.cu_seqlens_q)
         hidden_states = self.decoder(decoder_input, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb,
                                      packed_seq_params=packed_seq_params, inference_state=inference_state)
         if not self.post_process:
@@ -116,15 +114,6 @@ class KLAModel(LanguageModule):
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()  # the loss is fp32 (fp64 stays fp64)
         return self.compute_language_model_loss(labels, logits)
-
-
-def _document_causal_mask(cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """[1, 1, s, s] bool mask (True = masked) allowing attention within each document only."""
-    s = int(cu_seqlens[-1])
-    positions = torch.arange(s, device=cu_seqlens.device)
-    doc = torch.searchsorted(cu_seqlens.to(positions.dtype), positions, right=True)
-    allowed = (doc[:, None] == doc[None, :]) & (positions[None, :] <= positions[:, None])
-    return (~allowed)[None, None]
 
 
 def build_kla_model(cfg: KLAModelConfig, transformer_config, *, pre_process: bool = True,

@@ -19,6 +19,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, get_tr
 from megatron.core.transformer.utils import sharded_state_dict_default
 
 from kla_megatron.layers import KLALayer, KLANorm
+from kla_megatron.parallel.cp_attention import attention_packing
 
 
 def stage_layers(config, pattern: str, vp_stage=None, pp_rank=None):
@@ -81,6 +82,8 @@ class KLAStack(MegatronModule):
         kwargs = dict(attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb)
         if isinstance(layer, KLALayer):
             kwargs.update(packed_seq_params=packed_seq_params, inference_state=inference_state)
+        elif packed_seq_params is not None:
+            kwargs.update(packed_seq_params=attention_packing(packed_seq_params))
         if self.config.recompute_granularity == "full" and self.training and torch.is_grad_enabled():
             def run(h, mask):
                 return layer(h, **dict(kwargs, attention_mask=mask))[0]
