@@ -11,7 +11,8 @@ import torch
 from kla_megatron.ops.kla import carry, kla_decode_step, kla_scan
 from kla_megatron.ops.kla import transform as tr
 from kla_megatron.ops.kla.triton_scan import triton_kla_scan
-from kla_megatron.ops.kla.chunk_carry import triton_chunk_transforms, triton_end_adjoint_maps
+from kla_megatron.ops.kla.chunk_carry import (triton_chunk_transforms, triton_end_adjoint_maps,
+                                              triton_forward_adjoint_maps)
 
 from .kla_inputs import assert_close_all, make_inputs, outputs_and_grads, rel_err, upcast
 
@@ -115,6 +116,31 @@ def test_transform_and_adjoint_map_kernels_match_pytorch():
     )
     assert rel_err(q_got.cpu(), q_ref) < FP32_TOL and rel_err(o_got.cpu(), o_ref) < FP32_TOL
 
+
+
+@pytest.mark.parametrize("end", ["none", "adjoint"])
+@pytest.mark.parametrize("with_var", [True, False])
+def test_forward_adjoint_maps_match_float64(end, with_var):
+    """The one-sweep adjoint maps (forward-order composition) against the float64 PyTorch maps,
+    per document, with the end adjoint given directly (the time-split scan's mode) or absent."""
+    x = make_inputs(1, 70, 2, 5, 3, regime="a_near_one", seed=12, n_seq=3, dtype=torch.float32)
+    cu = torch.tensor([0, 9, 40, 70])
+    gen = torch.Generator().manual_seed(1)
+    gy = torch.randn(x["v"].shape, generator=gen)
+    gv = torch.randn(x["v"].shape, generator=gen) if with_var else None
+    end_adjoint = torch.randn(2, 3, 2, 5, 3, generator=gen) if end == "adjoint" else None
+    x64 = upcast(x)
+    args = [x64[n] for n in ("v", "lambda_v", "k", "q", "a", "p")]
+    q_ref, o_ref = carry.end_adjoint_maps(*args, gy.double(), torch.zeros_like(args[0]) if gv is None else gv.double(),
+                                          x64["initial_state"], cu_seqlens=cu)
+    if end_adjoint is not None:
+        o_ref = carry.apply_adjoint_map(q_ref, o_ref, end_adjoint.double())
+    xd = _to(x, DEVICE)
+    q_got, o_got = triton_forward_adjoint_maps(
+        *[xd[n].contiguous() for n in ("v", "lambda_v", "k", "q", "a", "p")], *xd["initial_state"], gy.to(DEVICE),
+        None if gv is None else gv.to(DEVICE), end_adjoint=None if end_adjoint is None else end_adjoint.to(DEVICE),
+        cu_seqlens=cu.to(DEVICE))
+    assert rel_err(q_got.cpu(), q_ref) < FP32_TOL and rel_err(o_got.cpu(), o_ref) < FP32_TOL
 
 def test_triton_without_final_state_or_grads():
     x = _to(make_inputs(2, 20, 2, 3, 4, seed=32, dtype=torch.float32), DEVICE)

@@ -268,17 +268,16 @@ def _put(ptr, x, mask, ATOMIC: tl.constexpr):
 def _kla_bwd_kernel(
     v, lambda_v, k, q, a, p, lam0, eta0, lam_t, eta_t, ck_sigma, ck_mu, cu_seqlens, scratch,
     d_y, d_yvar, d_lam_t, d_eta_t,
-    d_v, d_lv, d_k, d_q, d_a, d_p, d_lam0, d_eta0, map_q, map_o,
+    d_v, d_lv, d_k, d_q, d_a, d_p, d_lam0, d_eta0,
     T, n_tokens, H: tl.constexpr, P: tl.constexpr, S: tl.constexpr,
     BP: tl.constexpr, BS: tl.constexpr, CHUNK: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, END_ADJOINT: tl.constexpr,
     IS_VARLEN: tl.constexpr, DETERMINISTIC: tl.constexpr, N_PBLOCKS: tl.constexpr,
-    MAP_ONLY: tl.constexpr, FAST_RCP: tl.constexpr, WARP_REDUCE: tl.constexpr, SUB: tl.constexpr,
+    FAST_RCP: tl.constexpr, WARP_REDUCE: tl.constexpr, SUB: tl.constexpr,
     HAS_VAR: tl.constexpr,
 ):
     # END_ADJOINT: 0 = none, 1 = cotangent of the final (lam, eta), 2 = adjoint of the final
     # (mu, sigma) given directly (time-split and context-parallel carries).
-    # MAP_ONLY: compute only the affine end-to-start adjoint map (Q, o) of kla_math.md §6.
     ATOMIC: tl.constexpr = not (DETERMINISTIC or N_PBLOCKS == 1)
     i_nh, i_p = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
@@ -304,10 +303,6 @@ def _kla_bwd_kernel(
 
     b_da = tl.zeros([BS, BP], tl.float32)
     b_dp = tl.zeros([BS, BP], tl.float32)
-    # Running map from the end adjoint to the current one (products of gains ≤ 1).
-    b_Rmm = tl.full([BS, BP], 1.0, tl.float32)
-    b_Rms = tl.zeros([BS, BP], tl.float32)
-    b_Rss = tl.full([BS, BP], 1.0, tl.float32)
     # Scratch per program: the prior states of the SUB steps being reversed, then (SUB < CHUNK)
     # the state at each sub-block start of the current chunk.
     i_prog = i_nh.to(tl.int64) * N_PBLOCKS + i_p
@@ -365,60 +360,45 @@ def _kla_bwd_kernel(
                 b_P = b_iota * b_iota * (b_S + b_innov * b_M)
                 b_cM = b_a * b_iota * b_M
                 b_cS = b_a2 * b_P
-                if MAP_ONLY:
-                    b_gmm = b_a * b_iota
-                    b_gss = b_a2 * b_iota * b_iota
-                    b_Rms = b_gss * b_innov * b_Rmm + b_gss * b_Rms
-                    b_Rmm = b_gmm * b_Rmm
-                    b_Rss = b_gss * b_Rss
+                b_lv = b_lv.to(tl.float32)
+                b_vlv = b_v.to(tl.float32) * b_lv
+                b_kf = b_k.to(tl.float32)
+                b_dphi = -b_sigma * (b_sigma * b_S + b_mu * b_M)
+                b_dr = b_sigma * b_M
+                b_da += 2.0 * b_a * b_sp * b_P + b_iota * b_mp * b_M
+                b_dp += b_P
+                b_dvlv = tl.sum(b_dr * b_kf[:, None], axis=0)
+                b_dlv = tl.sum(b_dphi * (b_kf * b_kf)[:, None], axis=0) + b_v.to(tl.float32) * b_dvlv
+                tl.store(d_v + o_tp, (b_lv * b_dvlv).to(d_v.dtype.element_ty), mask=m_p)
+                tl.store(d_lv + o_tp, b_dlv.to(d_lv.dtype.element_ty), mask=m_p)
+                # dk, dq sum over channels: within the program here, then either one partial
+                # row per channel block ([N_PBLOCKS, tokens, H, S], summed outside) or atomics.
+                b_dk = 2.0 * b_kf[:, None] * b_lv[None, :] * b_dphi + b_vlv[None, :] * b_dr
+                b_dq = b_gy[None, :] * b_mu
+                if HAS_VAR:
+                    b_dq += 2.0 * b_q[:, None] * b_gv[None, :] * b_sigma
+                o_ts = (t * H + i_h) * S
+                if DETERMINISTIC or N_PBLOCKS == 1:
+                    o_ts += i_p.to(tl.int64) * n_tokens * H * S
+                if WARP_REDUCE:
+                    lane = tl.arange(0, BP)
+                    o_r, m_r = o_ts + (lane >> 1), ((lane & 1) == 0) & ((lane >> 1) < S)
+                    _put(d_k + o_r, _warp_sum_16(b_dk, lane), m_r, ATOMIC)
+                    _put(d_q + o_r, _warp_sum_16(b_dq, lane), m_r, ATOMIC)
                 else:
-                    b_lv = b_lv.to(tl.float32)
-                    b_vlv = b_v.to(tl.float32) * b_lv
-                    b_kf = b_k.to(tl.float32)
-                    b_dphi = -b_sigma * (b_sigma * b_S + b_mu * b_M)
-                    b_dr = b_sigma * b_M
-                    b_da += 2.0 * b_a * b_sp * b_P + b_iota * b_mp * b_M
-                    b_dp += b_P
-                    b_dvlv = tl.sum(b_dr * b_kf[:, None], axis=0)
-                    b_dlv = tl.sum(b_dphi * (b_kf * b_kf)[:, None], axis=0) + b_v.to(tl.float32) * b_dvlv
-                    tl.store(d_v + o_tp, (b_lv * b_dvlv).to(d_v.dtype.element_ty), mask=m_p)
-                    tl.store(d_lv + o_tp, b_dlv.to(d_lv.dtype.element_ty), mask=m_p)
-                    # dk, dq sum over channels: within the program here, then either one partial
-                    # row per channel block ([N_PBLOCKS, tokens, H, S], summed outside) or atomics.
-                    b_dk = 2.0 * b_kf[:, None] * b_lv[None, :] * b_dphi + b_vlv[None, :] * b_dr
-                    b_dq = b_gy[None, :] * b_mu
-                    if HAS_VAR:
-                        b_dq += 2.0 * b_q[:, None] * b_gv[None, :] * b_sigma
-                    o_ts = (t * H + i_h) * S
-                    if DETERMINISTIC or N_PBLOCKS == 1:
-                        o_ts += i_p.to(tl.int64) * n_tokens * H * S
-                    if WARP_REDUCE:
-                        lane = tl.arange(0, BP)
-                        o_r, m_r = o_ts + (lane >> 1), ((lane & 1) == 0) & ((lane >> 1) < S)
-                        _put(d_k + o_r, _warp_sum_16(b_dk, lane), m_r, ATOMIC)
-                        _put(d_q + o_r, _warp_sum_16(b_dq, lane), m_r, ATOMIC)
-                    else:
-                        _put(d_k + o_ts + o_s, tl.sum(b_dk, axis=1), m_s, ATOMIC)
-                        _put(d_q + o_ts + o_s, tl.sum(b_dq, axis=1), m_s, ATOMIC)
+                    _put(d_k + o_ts + o_s, tl.sum(b_dk, axis=1), m_s, ATOMIC)
+                    _put(d_q + o_ts + o_s, tl.sum(b_dq, axis=1), m_s, ATOMIC)
             tl.debug_barrier()
 
-    if MAP_ONLY:
-        n_state = tl.num_programs(0).to(tl.int64) // H * H * P * S
-        tl.store(map_q + o_state, b_Rmm, mask=m_sp)
-        tl.store(map_q + n_state + o_state, b_Rms, mask=m_sp)
-        tl.store(map_q + 2 * n_state + o_state, b_Rss, mask=m_sp)
-        tl.store(map_o + o_state, b_cM, mask=m_sp)
-        tl.store(map_o + n_state + o_state, b_cS, mask=m_sp)
-    else:
-        tl.store(d_a + o_state, b_da, mask=m_sp)
-        tl.store(d_p + o_state, b_dp, mask=m_sp)
-        if USE_INITIAL_STATE:
-            b_lam = tl.load(lam0 + o_state, mask=m_sp, other=1.0).to(tl.float32)
-            b_eta = tl.load(eta0 + o_state, mask=m_sp, other=0.0).to(tl.float32)
-            b_s0 = 1.0 / b_lam
-            b_m0 = b_eta * b_s0
-            tl.store(d_lam0 + o_state, -b_s0 * (b_s0 * b_cS + b_m0 * b_cM), mask=m_sp)
-            tl.store(d_eta0 + o_state, b_s0 * b_cM, mask=m_sp)
+    tl.store(d_a + o_state, b_da, mask=m_sp)
+    tl.store(d_p + o_state, b_dp, mask=m_sp)
+    if USE_INITIAL_STATE:
+        b_lam = tl.load(lam0 + o_state, mask=m_sp, other=1.0).to(tl.float32)
+        b_eta = tl.load(eta0 + o_state, mask=m_sp, other=0.0).to(tl.float32)
+        b_s0 = 1.0 / b_lam
+        b_m0 = b_eta * b_s0
+        tl.store(d_lam0 + o_state, -b_s0 * (b_s0 * b_cS + b_m0 * b_cM), mask=m_sp)
+        tl.store(d_eta0 + o_state, b_s0 * b_cM, mask=m_sp)
 
 
 def _blocks(P: int, S: int):
@@ -497,8 +477,8 @@ def kla_fwd(v, lambda_v, k, q, a, p, lam0, eta0, cu_seqlens, output_final_state,
 
 
 def kla_bwd(v, lambda_v, k, q, a, p, lam0, eta0, final, checkpoints, cu_seqlens,
-            d_y, d_yvar, d_lam_t, d_eta_t, deterministic, end_adjoint=None, map_only=False):
-    """Gradients of the scan, or with ``map_only`` its adjoint maps (Q, o). ``d_yvar`` None: y_var
+            d_y, d_yvar, d_lam_t, d_eta_t, deterministic, end_adjoint=None):
+    """Gradients of the scan. ``d_yvar`` None: y_var
     has no cotangent (not returned, or unused), and the kernel skips its terms.
 
     The end adjoint comes either as the cotangent ``(d_lam_t, d_eta_t)`` of the final state
@@ -516,18 +496,13 @@ def kla_bwd(v, lambda_v, k, q, a, p, lam0, eta0, final, checkpoints, cu_seqlens,
     f32 = dict(dtype=torch.float32, device=v.device)
     state_shape = (n_seq, H, S, P)
     dummy = torch.empty(1, **f32)
-    if map_only:
-        d_v = d_lv = d_k = d_q = d_a = d_p = d_lam0 = d_eta0 = dummy
-        map_q, map_o = torch.empty(3, *state_shape, **f32), torch.empty(2, *state_shape, **f32)
-    else:
-        dk_shape = (n_pblocks, B * L, H, S) if partial else (B * L, H, S)
-        alloc = torch.empty if partial else torch.zeros
-        d_k, d_q = alloc(dk_shape, **f32), alloc(dk_shape, **f32)
-        d_v, d_lv = torch.empty_like(v), torch.empty_like(lambda_v)
-        d_a, d_p = torch.empty(state_shape, **f32), torch.empty(state_shape, **f32)
-        d_lam0 = torch.empty(state_shape, **f32) if lam0 is not None else dummy
-        d_eta0 = torch.empty(state_shape, **f32) if lam0 is not None else dummy
-        map_q = map_o = dummy
+    dk_shape = (n_pblocks, B * L, H, S) if partial else (B * L, H, S)
+    alloc = torch.empty if partial else torch.zeros
+    d_k, d_q = alloc(dk_shape, **f32), alloc(dk_shape, **f32)
+    d_v, d_lv = torch.empty_like(v), torch.empty_like(lambda_v)
+    d_a, d_p = torch.empty(state_shape, **f32), torch.empty(state_shape, **f32)
+    d_lam0 = torch.empty(state_shape, **f32) if lam0 is not None else dummy
+    d_eta0 = torch.empty(state_shape, **f32) if lam0 is not None else dummy
     if end_adjoint is not None:
         mode, end_a, end_b = 2, to_kernel(end_adjoint[0]), to_kernel(end_adjoint[1])
     elif d_lam_t is not None or d_eta_t is not None:
@@ -549,15 +524,13 @@ def kla_bwd(v, lambda_v, k, q, a, p, lam0, eta0, final, checkpoints, cu_seqlens,
         lam0 if lam0 is not None else dummy, eta0 if eta0 is not None else dummy, lam_t, eta_t,
         checkpoints[0], checkpoints[1], cu, scratch,
         d_y, d_y if d_yvar is None else d_yvar, end_a, end_b,
-        d_v, d_lv, d_k, d_q, d_a, d_p, d_lam0, d_eta0, map_q, map_o,
+        d_v, d_lv, d_k, d_q, d_a, d_p, d_lam0, d_eta0,
         T, B * L, H=H, P=P, S=S, BP=BP, BS=BS, CHUNK=CHUNK,
         USE_INITIAL_STATE=lam0 is not None, END_ADJOINT=mode,
-        IS_VARLEN=is_varlen, DETERMINISTIC=deterministic, N_PBLOCKS=n_pblocks, MAP_ONLY=map_only,
+        IS_VARLEN=is_varlen, DETERMINISTIC=deterministic, N_PBLOCKS=n_pblocks,
         FAST_RCP=_gpu_compiled(v), WARP_REDUCE=_gpu_compiled(v) and WARP_REDUCE and BS == 16 and BP == 32,
         SUB=sub, HAS_VAR=d_yvar is not None, num_warps=warps,
     )
-    if map_only:
-        return from_kernel(map_q), from_kernel(map_o)
     if partial:
         d_k, d_q = (d_k[0], d_q[0]) if n_pblocks == 1 else (d_k.sum(0), d_q.sum(0))
     d_k = d_k.view(B, L, H, S).to(k_dtype)

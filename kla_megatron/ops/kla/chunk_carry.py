@@ -3,9 +3,9 @@
 - :func:`triton_chunk_transforms`: one sequential pass per lane composing the undivided
   leaf maps of §3 (T ← M_t·T), rescaled by 1/(A+D) every 8 tokens; reads v·Λv, Λv and k
   only. ``[7, N, H, P, S]``.
-- :func:`triton_end_adjoint_maps`: the forward kernel (for checkpoints) then the backward
-  kernel in ``map_only`` mode, which accumulates the gain products Q and the start adjoint
-  o with a zero end adjoint. ``(Q [3, N, H, P, S], o [2, N, H, P, S])``.
+- :func:`triton_end_adjoint_maps` / :func:`triton_forward_adjoint_maps`: the adjoint maps
+  composed in forward order in one sweep (no replay, no parked states): the gain products Q
+  and the start adjoint o. ``(Q [3, N, H, P, S], o [2, N, H, P, S])``.
 
 Used by the time-split scan (:mod:`.chunk_split`) and by context parallelism.
 """
@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk import (_blocks, _dynamics, _lanes, _load_token, _prepare, _seq_bounds, _state_offsets,
-                    from_kernel, kla_bwd, kla_fwd, to_kernel)
+from .chunk import (_blocks, _dynamics, _gpu_compiled, _lanes, _load_token, _observation, _prepare, _seq_bounds,
+                    _state_offsets, _step, from_kernel, to_kernel)
 
 RESCALE_EVERY = 8
 
@@ -92,12 +92,113 @@ def triton_chunk_transforms(v_lambda_v, lambda_v, k, a, p, *, cu_seqlens=None):
 def triton_end_adjoint_maps(v, lambda_v, k, q, a, p, grad_y, grad_y_var, initial_state, *,
                             grad_final_state=None, cu_seqlens=None):
     """``(Q [3, N, H, P, S], o [2, N, H, P, S])`` with ``c_start = Qᵀ·c_end + o`` in (μ, σ)
-    adjoint coordinates. Same contract as :func:`kla_megatron.ops.kla.carry.end_adjoint_maps`."""
+    adjoint coordinates. Same contract as :func:`kla_megatron.ops.kla.carry.end_adjoint_maps`;
+    one forward sweep (:func:`triton_forward_adjoint_maps`)."""
     v, lambda_v, k, q, grad_y, grad_y_var = (x.contiguous() for x in (v, lambda_v, k, q, grad_y, grad_y_var))
     a, p = a.float().contiguous(), p.float().contiguous()
     lam0, eta0 = (s.float().contiguous() for s in initial_state)
-    _, _, final, ck = kla_fwd(v, lambda_v, k, q, a, p, lam0, eta0, cu_seqlens,
-                              output_final_state=grad_final_state is not None, save_checkpoints=True)
-    d_lam_t, d_eta_t = grad_final_state if grad_final_state is not None else (None, None)
-    return kla_bwd(v, lambda_v, k, q, a, p, lam0, eta0, final, ck, cu_seqlens,
-                   grad_y, grad_y_var, d_lam_t, d_eta_t, deterministic=True, map_only=True)
+    return triton_forward_adjoint_maps(v, lambda_v, k, q, a, p, lam0, eta0, grad_y, grad_y_var,
+                                       grad_final_state=grad_final_state, cu_seqlens=cu_seqlens)
+
+
+@triton.jit
+def _kla_bwd_map_kernel(
+    v, lambda_v, k, q, a, p, lam0, eta0, d_y, d_yvar, end_a, end_b, map_q, map_o, cu_seqlens, T,
+    H: tl.constexpr, P: tl.constexpr, S: tl.constexpr, BP: tl.constexpr, BS: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_VAR: tl.constexpr, END_ADJOINT: tl.constexpr, FAST_RCP: tl.constexpr,
+):
+    """Adjoint map (Q, o) of each sequence in ONE forward sweep, without replay or parking.
+
+    The reverse step t maps the carry c = (cM, cS) arriving from step t+1 affinely,
+    F_t(c) = G_t·c + h_t with G_t = [[aι, 0], [a²ι²·innov, a²ι²]] and
+    h_t = (aι·q·g^y, a²ι²·(q²·g^v + innov·q·g^y)); every factor is known in the forward at
+    step t. The whole map F_1∘…∘F_n = (L, o) is composed in forward order:
+    o ← o + L·h_t, then L ← L·G_t (L lower-triangular: 3 numbers; products of gains ≤ 1).
+    END_ADJOINT modes as in ``_kla_bwd_kernel`` (0: none; 1: the
+    cotangent (ḡλ, ḡη) of the final state, read at the state this sweep ends in; 2: the (μ, σ)
+    adjoint itself), the end adjoint folded into o.
+    """
+    i_nh, i_p = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, eos = _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
+    o_p, o_s, m_p, m_s, m_sp = _lanes(i_p, P, S, BP, BS)
+    b_a, b_a2, b_noise = _dynamics(a, p, i_h, o_p, o_s, m_sp, H, P, S)
+    o_state = _state_offsets(i_n, i_h, o_p, o_s, H, P, S)
+    b_sigma = 1.0 / tl.load(lam0 + o_state, mask=m_sp, other=1.0).to(tl.float32)
+    b_mu = tl.load(eta0 + o_state, mask=m_sp, other=0.0).to(tl.float32) * b_sigma
+    b_lmm = tl.full([BS, BP], 1.0, tl.float32)
+    b_lms = tl.zeros([BS, BP], tl.float32)
+    b_lss = tl.full([BS, BP], 1.0, tl.float32)
+    b_om = tl.zeros([BS, BP], tl.float32)
+    b_os = tl.zeros([BS, BP], tl.float32)
+    n_v, n_lv, n_k, n_q = _load_token(v, lambda_v, k, q, bos, i_h, o_p, o_s, m_p, m_s, H, P, S)
+    for t in range(bos, eos):
+        b_v, b_lv, b_k, b_q = n_v, n_lv, n_k, n_q
+        n_v, n_lv, n_k, n_q = _load_token(v, lambda_v, k, q, tl.minimum(t + 1, eos - 1), i_h, o_p, o_s, m_p, m_s,
+                                          H, P, S)
+        o_tp = (t * H + i_h) * P + o_p
+        b_gy = tl.load(d_y + o_tp, mask=m_p, other=0.0).to(tl.float32)
+        b_phi, b_r = _observation(b_v, b_lv, b_k)
+        b_innov = b_r - b_phi * b_a * b_mu  # with the prior mean μ_{t−1}
+        b_sigma, b_mu, b_iota = _step(b_sigma, b_mu, b_phi, b_r, b_a, b_a2, b_noise, FAST_RCP)
+        b_q = b_q.to(tl.float32)
+        b_gmm = b_a * b_iota
+        b_gss = b_a2 * b_iota * b_iota
+        b_inj = b_q[:, None] * b_gy[None, :]  # q·g^y
+        if HAS_VAR:
+            b_gv = tl.load(d_yvar + o_tp, mask=m_p, other=0.0).to(tl.float32)
+            b_injs = (b_q * b_q)[:, None] * b_gv[None, :] + b_innov * b_inj
+        else:
+            b_injs = b_innov * b_inj
+        b_hm = b_gmm * b_inj
+        b_hs = b_gss * b_injs
+        b_om += b_lmm * b_hm
+        b_os += b_lms * b_hm + b_lss * b_hs
+        b_lms = b_lms * b_gmm + b_lss * b_gss * b_innov
+        b_lmm = b_lmm * b_gmm
+        b_lss = b_lss * b_gss
+    if END_ADJOINT != 0:
+        b_em = tl.load(end_a + o_state, mask=m_sp, other=0.0).to(tl.float32)
+        b_es = tl.load(end_b + o_state, mask=m_sp, other=0.0).to(tl.float32)
+        if END_ADJOINT == 1:
+            # (λ, η) = (1/σ, μ/σ): dμ = ḡη/σ, dσ = −(ḡλ + ḡη·μ)/σ²
+            b_em, b_es = b_es / b_sigma, -(b_em + b_es * b_mu) / (b_sigma * b_sigma)
+        b_om += b_lmm * b_em
+        b_os += b_lms * b_em + b_lss * b_es
+    n_state = tl.num_programs(0).to(tl.int64) // H * H * P * S
+    tl.store(map_q + o_state, b_lmm, mask=m_sp)
+    tl.store(map_q + n_state + o_state, b_lms, mask=m_sp)
+    tl.store(map_q + 2 * n_state + o_state, b_lss, mask=m_sp)
+    tl.store(map_o + o_state, b_om, mask=m_sp)
+    tl.store(map_o + n_state + o_state, b_os, mask=m_sp)
+
+
+def triton_forward_adjoint_maps(v, lambda_v, k, q, a, p, lam0, eta0, d_y, d_yvar, *, end_adjoint=None,
+                                grad_final_state=None, cu_seqlens=None):
+    """``(Q [3, N, H, P, S], o [2, N, H, P, S])`` of every sequence from one forward sweep
+    (``_kla_bwd_map_kernel``), at the cost of a forward pass: no replay, no parked states. The end adjoint comes as ``end_adjoint`` ``[2, N, H, P, S]`` in (μ, σ)
+    adjoint coordinates, or as the cotangent ``grad_final_state`` ``(d_lam, d_eta)`` of the final
+    state (either may be None), or not at all; ``d_yvar`` None when y_var has no cotangent."""
+    B, L, H, P = v.shape
+    S = k.shape[-1]
+    n_seq, T, cu, is_varlen = _prepare(v, cu_seqlens)
+    a, p, lam0, eta0 = (to_kernel(x) for x in (a, p, lam0, eta0))
+    state_shape = (n_seq, H, S, P)
+    map_q = torch.empty(3, *state_shape, dtype=torch.float32, device=v.device)
+    map_o = torch.empty(2, *state_shape, dtype=torch.float32, device=v.device)
+    if end_adjoint is not None:
+        mode, end_a, end_b = 2, to_kernel(end_adjoint[0]), to_kernel(end_adjoint[1])
+    elif grad_final_state is not None:
+        mode = 1
+        end_a, end_b = (torch.zeros(state_shape, dtype=torch.float32, device=v.device) if g is None else to_kernel(g)
+                        for g in grad_final_state)
+    else:
+        mode, end_a, end_b = 0, map_o, map_o
+    BP, BS, warps = _blocks(P, S)
+    grid = (n_seq * H, triton.cdiv(P, BP))
+    _kla_bwd_map_kernel[grid](
+        v, lambda_v, k, q, a, p, lam0, eta0, d_y, d_y if d_yvar is None else d_yvar, end_a, end_b, map_q, map_o, cu,
+        T, H=H, P=P, S=S, BP=BP, BS=BS, IS_VARLEN=is_varlen, HAS_VAR=d_yvar is not None, END_ADJOINT=mode,
+        FAST_RCP=_gpu_compiled(v), num_warps=warps,
+    )
+    return from_kernel(map_q), from_kernel(map_o)

@@ -6,8 +6,9 @@ of ``segment_len`` tokens that run as independent "sequences" of the same kernel
 forward:  segment transforms (one pass, §3) → sequential compose of the few segment
           transforms per row in PyTorch → each segment's exact start state → the normal
           forward kernel over all segments at once.
-backward: adjoint maps (Q, o) of every segment (§6) → suffix composition per row →
-          each segment's exact end adjoint → the normal backward kernel over all segments.
+backward: adjoint maps (Q, o) of every segment (§6), composed in forward order in one sweep
+          (no replay) → suffix composition per row → each segment's exact end adjoint → the
+          normal backward kernel over all segments.
 
 The carries are composed from normalised transforms, so the fp32 drift of a long
 sequential scan (a ≈ 1, p ≈ 0; §8) is bounded by the segment length instead of L.
@@ -23,7 +24,7 @@ import torch
 from . import transform as tr
 from .carry import apply_adjoint_map, info_to_adjoint
 from .chunk import CHUNK, kla_bwd, kla_fwd
-from .chunk_carry import triton_chunk_transforms
+from .chunk_carry import triton_chunk_transforms, triton_forward_adjoint_maps
 
 
 def _cdiv(x: int, y: int) -> int:
@@ -121,7 +122,8 @@ def split_bwd(v, lambda_v, k, q, a, p, lam_s, eta_s, lam_f, eta_f, ck_sigma, ck_
         d_eta = torch.zeros_like(last[1]) if d_eta_t is None else d_eta_t
         end.unflatten(1, (B, n_seg))[:, :, -1] = info_to_adjoint(d_lam, d_eta, *last)
     args = (v, lambda_v, k, q, a, p, lam_s, eta_s, (lam_f, eta_f), (ck_sigma, ck_mu), cu, d_y, d_yvar, None, None)
-    q_map, o_map = kla_bwd(*args, deterministic=True, end_adjoint=end, map_only=True)
+    q_map, o_map = triton_forward_adjoint_maps(v, lambda_v, k, q, a, p, lam_s, eta_s, d_y, d_yvar, end_adjoint=end,
+                                               cu_seqlens=cu)
     ends = _end_adjoints(q_map, o_map, end.unflatten(1, (B, n_seg))[:, :, -1], B, n_seg)
     d_v, d_lv, d_k, d_q, d_a, d_p, d_lam_s, d_eta_s = kla_bwd(*args, deterministic=deterministic, end_adjoint=ends)
     # Segment 0 of every row starts from the rows' initial state.
