@@ -1,12 +1,12 @@
 """The multi-head KLA mixer (kla_math.md §2) as a megatron-core module.
 
     x [s, b, D] → in_proj (ColumnParallel) → z, gate        each [s, b, d_inner/TP]
-    z → causal depthwise conv → SiLU
-    z → per-head (block-diagonal) sensor projection → v, log σ²_v, k, q
-        Λv = 1/(softplus(log σ²_v) + 1e-4);  k, q L2-normalised over the state
+    z → causal depthwise conv → SiLU                         (one kernel: ops/conv)
+    z → per-head (block-diagonal) sensor projection → v, log σ²_v, k, q   (one batched matmul)
+        Λv = 1/(softplus(log σ²_v) + 1e-4);  k, q L2-normalised over the state   (ops/kla/sensors.py)
     (ā, p̄) = discretize(A_log, Δ_raw, p)                     [H, P, S] fp32
-    y, y_var = kla_scan(v, Λv, k, q, ā, p̄)                   fp32, autocast off
-    y = (y + λ_skip·z) · SiLU(gate);   y_var = y_var · SiLU(gate)²
+    y, y_var = kla_scan(v, Λv, k, q, ā, p̄)                   I/O in z's dtype, fp32 state
+    y = (y + λ_skip·z) · SiLU(gate);   y_var = y_var · SiLU(gate)²        (ops/kla/gate.py)
     out = out_proj(y)  (RowParallel: one all-reduce, or reduce-scatter under SP)
 
 d_inner is split into H heads of P = d_inner/H channels; tensor parallelism gives each rank
@@ -52,6 +52,7 @@ from megatron.core.transformer.utils import (
 )
 from megatron.core.utils import divide
 
+from kla_megatron.ops.conv import causal_conv1d
 from kla_megatron.ops.kla import discretize, kla_decode_step, kla_scan
 from kla_megatron.ops.kla.gate import gated_output
 from kla_megatron.ops.kla.sensors import sensor_activations, torch_sensor_activations
@@ -300,27 +301,18 @@ class KLAMixer(MegatronModule):
         x: torch.Tensor,
         window: Optional[torch.Tensor] = None,
         position_in_doc: Optional[torch.Tensor] = None,
+        activation: Optional[str] = "silu",
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Causal depthwise conv (before the activation).
+        """Causal depthwise conv, then SiLU (fused; ``ops/conv``).
 
-        x ``[b, s, M]``; ``window`` ``[b, M, K-1]`` the previous K-1 inputs (zeros if None);
-        ``position_in_doc`` ``[s]`` position of each token inside its packed document (taps
-        reaching before the document start read zero). Returns ``(y [b, s, M], new window)``.
+        x ``[b, s, M]`` (may be a strided view of the in-projection output); ``window``
+        ``[b, M, K-1]`` the previous K-1 inputs (zeros if None); ``position_in_doc`` ``[s]``
+        position of each token inside its packed document (taps reaching before the document
+        start read zero). Returns ``(y [b, s, M], new window)``.
         """
-        b, s, M = x.shape
-        K = self.mc.conv_kernel
-        if window is None:
-            window = x.new_zeros(b, M, K - 1)
-        padded = torch.cat([window.transpose(1, 2).to(x.dtype), x], dim=1)  # [b, s+K-1, M]
-        w = self.conv_weight.to(x.dtype)[:, 0, :]  # [M, K]
-        y = self.conv_bias.to(x.dtype).expand(b, s, M)
-        for lag in range(K):
-            tap = padded[:, K - 1 - lag : K - 1 - lag + s] * w[:, K - 1 - lag]
-            if position_in_doc is not None and lag > 0:
-                tap = tap * (position_in_doc >= lag).to(x.dtype)[None, :, None]
-            y = y + tap
-        new_window = padded[:, padded.shape[1] - (K - 1) :].transpose(1, 2)
-        return y, new_window
+        backend = "torch" if self.mc.scan_backend == "naive" else self.mc.scan_backend
+        return causal_conv1d(x, self.conv_weight.to(x.dtype), self.conv_bias.to(x.dtype), window=window,
+                             position_in_doc=position_in_doc, activation=activation, backend=backend)
 
     def _cp_conv(self, z, packed_seq_params, inference_state):
         """The conv over this rank's context-parallel shard (halo from the previous chunk);
@@ -424,7 +416,6 @@ class KLAMixer(MegatronModule):
             cu_seqlens, position_in_doc = _packing(packed_seq_params, b, s, z.device)
             window = inference_state.conv if inference_state is not None else None
             z, new_window = self.causal_conv(z, window, position_in_doc)
-        z = F.silu(z)
 
         # λ_skip sees only this rank's channels: copy_to_... all-reduces its gradient over TP.
         lambda_skip = copy_to_tensor_model_parallel_region(self.lambda_skip, group=self.tp_group)
