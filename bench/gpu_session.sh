@@ -13,9 +13,9 @@ python3 -c "import megatron.core" 2>/dev/null ||
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir .whl/megatron_core-*.whl || exit 1
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
-timeout "${TEST_S:-150}" python3 -m pytest -q -p no:cacheprovider -m gpu \
+timeout "${TEST_S:-150}" python3 -m pytest -q -p no:cacheprovider -m "${TEST_M:-gpu}" -k "${TEST_K:-}" \
   tests/test_ops_glue.py tests/test_ops_conv.py tests/test_ops_triton.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -8
 timeout "${SCAN_S:-60}" python3 bench/bench_scan.py --backends triton \
-  --shapes "4,2048,4096,16;2,4096,4096,16;8,4096,4096,16" --out "$OUT/bench_scan.json" 2>&1 | tail -8
+  --shapes "4,2048,4096,16;2,4096,4096,16;8,4096,4096,16;4,2048,4096,32" --out "$OUT/bench_scan.json" 2>&1 | tail -8
 timeout "${MODEL_S:-330}" python3 bench/bench_model.py --out "$OUT/bench_model.json" "$@" 2>&1 |
   tee "$OUT/bench_model.log" | tail -30
