@@ -26,6 +26,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from typing import Dict, Iterable, Iterator, List, Optional
@@ -320,6 +321,7 @@ def _exit_on_sigterm(signum, frame):
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = vars(build_parser().parse_args(argv))
+    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
     summary_json = args.pop("summary_json")
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
@@ -328,6 +330,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         msg = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
         print(f"kla-preprocess: error: {msg}; no dataset was written", file=sys.stderr)
         return 130 if isinstance(e, KeyboardInterrupt) else 1
+    except OSError as e:  # an unwritable or invalid output path, a full disk, an unreadable input
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"kla-preprocess: error: {e.strerror or e}{where}; check --output-prefix "
+              f"{args['output_prefix']!r} and the inputs; no dataset was written", file=sys.stderr)
+        return 1
     print(summary.format())
     if summary_json:
         with open(summary_json, "w", encoding="utf-8") as f:

@@ -5,8 +5,10 @@
     kla-pretrain --config configs/1.3b.yaml --set parallel.tensor=2
 
 ``--set KEY=VALUE`` overrides any config field (the value is parsed as YAML); ``--dry-run``
-validates the config and prints it without training. Exit status: 0 done or preempted
-(checkpoint written), 1 non-finite loss under the abort policy, 2 bad config/data/checkpoint.
+validates the config and prints it without training. Exit status: 0 done, already complete or
+preempted (checkpoint written), 1 non-finite loss under the abort policy (or a crash), 2 bad
+config/data, 3 no loadable checkpoint, 4 disk full while saving, 5 checkpoint.dir in use by
+another run (the table: launch/README.md).
 """
 from __future__ import annotations
 
@@ -33,11 +35,24 @@ def run(argv=None):
     args = parse_args(argv)
     cfg = load_run_config(args.config, args.overrides)
     if args.dry_run:
+        from kla_megatron.training.model_factory import load_model_config
+
+        load_model_config(cfg)  # the model's config file and its fit with the run are checked too
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return None
-    from kla_megatron.training.trainer import Trainer
+    from kla_megatron.training import checkpoint as ckpt
+    from kla_megatron.training.trainer import Trainer, init_distributed
 
-    trainer = Trainer(cfg)
+    # One run per checkpoint directory, held from before the model is built until close().
+    init_distributed()
+    lock = ckpt.RunLock.acquire(cfg.checkpoint.dir) if cfg.checkpoint.dir else None
+    try:
+        trainer = Trainer(cfg)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    trainer.lock = lock
     try:
         history = trainer.train()
     except BaseException:
@@ -47,12 +62,30 @@ def run(argv=None):
     return history
 
 
+def _notices_as_lines(category) -> None:
+    """Print our own notices (``category``) as one plain line each, not as a Python warning."""
+    show = warnings.showwarning
+
+    def showwarning(message, cat, filename, lineno, file=None, line=None):
+        if issubclass(cat, category):
+            print(f"kla-pretrain: {message}", flush=True)
+        else:
+            show(message, cat, filename, lineno, file, line)
+
+    warnings.showwarning = showwarning
+
+
 def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    from kla_megatron.training.checkpoint import CheckpointError, CheckpointWarning
     from kla_megatron.training.trainer import NonFiniteError
 
+    _notices_as_lines(CheckpointWarning)
     try:
         run(argv)
+    except CheckpointError as exc:  # no loadable checkpoint, disk full, directory in use: one line
+        print(f"kla-pretrain: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     except ValueError as exc:  # bad config, data or checkpoint: a message, not a traceback
         print(f"kla-pretrain: error: {exc}", file=sys.stderr)
         return 2

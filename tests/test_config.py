@@ -1,10 +1,13 @@
 """Run configs: loading, --set overrides, and the documented error messages."""
 import pytest
 
+from pathlib import Path
+
 from kla_megatron.train import main, parse_args
 from kla_megatron.training.config import CONFIG_DIR, load_run_config
 from kla_megatron.training.schedule import lr_at
 
+REPO = Path(__file__).resolve().parents[1]
 BASE = {"model": "kla_tiny", "train": {"steps": 100, "micro_batch_size": 2, "global_batch_size": 8}}
 
 
@@ -96,3 +99,23 @@ def test_schedules():
                 "train.min_lr=0.0"]).train
     assert lr_at(wsd, 50) == 1.0 and lr_at(wsd, 79) == 1.0
     assert lr_at(wsd, 89) == pytest.approx(0.5) and lr_at(wsd, 99) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--config", "tiny_cpu", "--set", "train.lr=[1,"],
+     "--set 'train.lr=[1,': invalid YAML (line 1, column 4): expected the node content"),
+    (["--config", "{bad}"], "invalid YAML (line 2, column 1)"),
+    (["--config", "tiny_cpu", "--set", "model={bad}"], "invalid YAML (line 2, column 1)"),
+    (["--config", "{dir}/tiny_cpux.yaml"], "no such file; did you mean '{dir}/tiny_cpu.yaml'?"),
+    (["--config", "tiny_cpux"], "run config 'tiny_cpux' not found: neither a file nor a name in"),
+])
+def test_malformed_yaml_and_missing_configs_are_one_line_errors(argv, message, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [\n")
+    (tmp_path / "tiny_cpu.yaml").write_text((REPO / "configs" / "tiny_cpu.yaml").read_text())
+    fill = {"bad": bad, "dir": tmp_path}
+    assert main([a.format(**fill) for a in argv] + ["--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kla-pretrain: error: ") and "\n" not in err, err
+    assert message.format(**fill) in err, err
+

@@ -620,3 +620,16 @@ def test_commands_have_help(module):
     out = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0 and "usage:" in out.stdout, out.stderr
+
+
+def test_unwritable_output_prefix_is_one_line_and_writes_nothing(corpus, tmp_path, capsys):
+    from data_tools.preprocess import main
+
+    blocker = tmp_path / "a_file"  # a file where the output's directory should be
+    blocker.write_text("")
+    rc = main(["--input", corpus["jsonl"], "--tokenizer", corpus["model"], "--output-prefix", str(blocker / "out"),
+               "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and err[-1].startswith("kla-preprocess: error: ") and str(blocker) in err[-1], err
+    assert not any("Traceback" in line for line in err)
+    assert os.listdir(tmp_path) == ["a_file"]

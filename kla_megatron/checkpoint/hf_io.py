@@ -57,38 +57,35 @@ def export_hf(state: Dict[str, torch.Tensor], config: modeling_kla.KLAConfig, ou
     state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
              for k, v in state.items()}
     if dtype is not None:
-        config.torch_dtype = str(dtype).replace("torch.", "")
+        config.dtype = str(dtype).replace("torch.", "")
+    if tokenizer_model is not None:  # checked (and written) first: a bad tokenizer leaves no half export
+        export_tokenizer(tokenizer_model, out_dir)
     _save_tensors(state, out_dir, max_shard_size)
+    _normal_permissions(out_dir)
     config.save_pretrained(str(out_dir))
     shutil.copyfile(MODELING_FILE, out_dir / MODELING_FILE.name)
-    if tokenizer_model is not None:
-        export_tokenizer(tokenizer_model, out_dir)
     return out_dir
 
 
+def _normal_permissions(out_dir: Path) -> None:
+    """huggingface_hub writes shards through a private temp file (mode 0600): give the tensor
+    files the mode of any file created here (0666 minus the umask), like the other files."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in out_dir.iterdir():
+        if f.name.startswith("model") and f.name.endswith((".safetensors", ".json")) and f.is_file():
+            os.chmod(f, 0o666 & ~umask)
+
+
 def export_tokenizer(model_file, out_dir) -> None:
-    """Copy a sentencepiece ``.model`` as ``tokenizer.model`` with a ``LlamaTokenizer`` config
-    (plain sentencepiece ids: no BOS/EOS added, the same ids our data pipeline produces)."""
-    import sentencepiece as spm
+    """The sentencepiece ``.model`` as a standard transformers tokenizer (``tokenizer.json`` +
+    ``PreTrainedTokenizerFast``, no custom code; plain sentencepiece ids: no BOS/EOS added, the
+    ids our data pipeline produces), plus the ``.model`` itself as ``tokenizer.model``."""
+    from .hf_tokenizer import export
 
-    model_file, out_dir = Path(model_file), Path(out_dir)
-    if not model_file.exists():
-        raise FileNotFoundError(f"tokenizer model {model_file} does not exist")
-    try:
-        sp = spm.SentencePieceProcessor(model_file=str(model_file))
-    except Exception as exc:
-        raise ValueError(f"{model_file} is not a sentencepiece model: {exc}") from exc
-    shutil.copyfile(model_file, out_dir / "tokenizer.model")
-
-    def piece(i):
-        return sp.id_to_piece(i) if 0 <= i < sp.get_piece_size() else None
-
-    cfg = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False, "legacy": False,
-           "model_max_length": 1_000_000_000, "padding_side": "right",
-           "bos_token": piece(sp.bos_id()), "eos_token": piece(sp.eos_id()), "unk_token": piece(sp.unk_id()),
-           "pad_token": piece(sp.pad_id()) or piece(sp.eos_id())}
-    with open(out_dir / "tokenizer_config.json", "w") as f:
-        json.dump({k: v for k, v in cfg.items() if v is not None}, f, indent=1)
+    export(model_file, out_dir)
 
 
 def read_config(hf_dir) -> modeling_kla.KLAConfig:

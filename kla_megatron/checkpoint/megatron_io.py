@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Dict, Optional
 
 import torch
+import torch.distributed as dist
 import yaml
 
 from kla_megatron.models import KLAModelConfig
@@ -111,24 +112,75 @@ def build_model(cfg: KLAModelConfig, tp: int = 1, pp: int = 1, dtype=torch.float
                            post_process=parallel_state.is_pipeline_last_stage())
 
 
+def _short(keys, n: int = 8) -> str:
+    keys = sorted(keys)
+    return str(keys[:n])[:-1] + (f", ... ({len(keys)} in all)]" if len(keys) > n else "]")
+
+
+def check_model_shapes(models, ckpt_dir) -> None:
+    """ValueError (one line) when the checkpoint's model tensors and the model's sharded tensors
+    disagree: tensors the model needs that are not stored, stored model tensors the model lacks,
+    or different global shapes. Everything else stored (optimizer state, ...) is ignored."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory, apply_factories
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    stored = {k: v for k, v in checkpoint_shapes(ckpt_dir).items() if k.startswith(_MODEL_PREFIXES)}
+    wanted = {}
+    for model in models:
+        sharded = model.sharded_state_dict()
+        apply_factories(sharded)
+        for item in nested_values(sharded):
+            if isinstance(item, ShardedTensor):
+                wanted[item.key] = tuple(item.global_shape)
+            elif isinstance(item, ShardedTensorFactory):  # pragma: no cover (applied above)
+                raise TypeError(item.key)
+    if dist.is_initialized() and dist.get_world_size() > 1:  # pipeline stages hold different layers
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, wanted)
+        for other in every:
+            wanted.update(other)
+    missing = set(wanted) - set(stored)
+    unknown = set(stored) - set(wanted)
+    shapes = [f"{k}: stored {stored[k]} != model {wanted[k]}" for k in sorted(set(stored) & set(wanted))
+              if stored[k] != wanted[k]]
+    problems = []
+    if missing:
+        problems.append(f"tensors the model needs are not stored: {_short(missing)}")
+    if unknown:
+        problems.append(f"stored tensors the model does not have: {_short(unknown)}")
+    if shapes:
+        problems.append("different shapes: " + "; ".join(shapes[:6]) + (" ..." if len(shapes) > 6 else ""))
+    if problems:
+        raise ValueError(f"megatron checkpoint {ckpt_dir} does not match the model config: " + "; ".join(problems))
+
+
 def load_into(model, ckpt_dir) -> None:
-    """Load ``model``'s tensors from a dist checkpoint; missing or mis-shaped model tensors and
-    stored model tensors this architecture lacks are errors (optimizer state is ignored)."""
+    """Load ``model``'s tensors (one chunk, or a list of virtual-pipeline chunks) from a dist
+    checkpoint, model weights only. The checkpoint may be the trainer's (it also holds the
+    optimizer state and ``common``; both are ignored) or one written by kla-convert. Model
+    tensors the checkpoint lacks, stored model tensors this architecture lacks and mis-shaped
+    tensors are one-line ValueErrors."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    sharded = model.sharded_state_dict()
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
+    check_model_shapes(models, ckpt_dir)
+    keys = ["model"] if len(models) == 1 else [f"model{i}" for i in range(len(models))]
+    request = {key: m.sharded_state_dict() for key, m in zip(keys, models)}
     try:
-        state, missing, unexpected = dist_checkpointing.load(
-            {"model": sharded}, str(ckpt_dir), strict=StrictHandling.RETURN_ALL
-        )
+        # Checkpoint entries nobody asks for (optimizer state) are "missing" in megatron's terms:
+        # RETURN_UNEXPECTED ignores them; requested tensors that are not stored come back as unexpected.
+        state, _, unexpected = dist_checkpointing.load(request, str(ckpt_dir),
+                                                       strict=StrictHandling.RETURN_UNEXPECTED)
     except Exception as exc:
-        raise ValueError(f"cannot load the megatron checkpoint {ckpt_dir} into this model: {exc}") from exc
-    unexpected = sorted(k for k in unexpected if k.startswith(_MODEL_PREFIXES))
-    if missing or unexpected:
-        raise ValueError(f"megatron checkpoint {ckpt_dir} does not match the model config: missing tensors "
-                         f"{sorted(missing)}, unexpected tensors {unexpected}")
-    model.load_state_dict(state["model"], strict=True)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"cannot load the model weights of the megatron checkpoint {ckpt_dir}: "
+                         f"{type(exc).__name__}: {first[:500]}") from exc
+    if unexpected:
+        raise ValueError(f"megatron checkpoint {ckpt_dir} does not match the model config: tensors the model needs "
+                         f"are not stored: {_short(unexpected)}")
+    for key, m in zip(keys, models):
+        m.load_state_dict(state[key], strict=True)
 
 
 def _load_full(ckpt_dir: str, cfg: KLAModelConfig, dtype):

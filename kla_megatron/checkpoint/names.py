@@ -88,6 +88,11 @@ def _rename(name: str, pattern: str, to_hf: bool) -> str:
     return f"{prefix}.{index}.{table[rest]}"
 
 
+def hf_name(megatron_name: str, pattern: str) -> str:
+    """The HF name of one megatron (TP = PP = 1, global layer number) parameter name."""
+    return _rename(megatron_name, pattern, True)
+
+
 def megatron_to_hf(state: Dict[str, torch.Tensor], pattern: str) -> Dict[str, torch.Tensor]:
     """TP = PP = 1 megatron state dict → HF state dict (``_extra_state`` entries dropped)."""
     return {_rename(k, pattern, True): v for k, v in state.items() if not k.endswith("_extra_state")}

@@ -108,8 +108,14 @@ class KLAModelConfig:
     def from_yaml(cls, path: Union[str, Path]) -> "KLAModelConfig":
         import yaml
 
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+            raise ValueError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of model config keys at the top level")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -17,6 +17,8 @@ Errors (all ``ValueError``, documented here because users and tests match on the
 - ``data: path '<prefix>' has no <prefix>.bin/.idx (build it with data_tools ...)``
 - ``train.<field> must be one of [...], got '<value>'`` for enumerations
 - ``engine 'deepspeed' does not support <feature>`` for impossible engine combinations
+- ``checkpoint.init_from: <path> does not exist (...)``; the trainer adds one-line
+  ``checkpoint.init_from: <file>: ...`` errors for a source that does not fit the run's model
 """
 from __future__ import annotations
 
@@ -215,10 +217,27 @@ class CheckpointConfig:
     """Keep the newest K complete checkpoints (0 = keep all)."""
     resume: str = "auto"
     """'auto' (latest complete checkpoint in dir, if any), 'none', or a checkpoint directory."""
+    init_from: str | None = None
+    """Start from these model weights (continued pretraining, fine-tuning): a Hugging Face export
+    directory (``kla-convert megatron-to-hf``), a megatron checkpoint (a run's checkpoint root, an
+    ``iter_*`` directory or its ``model/``; any TP/PP) or the paper's reference weights
+    (.pt/.pth/.safetensors/.npz). Weights only: the optimizer, step counter, data position and LR
+    schedule start fresh. Used only when there is nothing to resume: a run that finds its own
+    checkpoint in ``dir`` resumes from it (so a requeued job continues instead of starting over)."""
 
     def __post_init__(self):
         if self.save_interval < 0 or self.keep_last < 0:
             raise ValueError("checkpoint.save_interval and checkpoint.keep_last must be >= 0")
+        if self.init_from is not None:
+            if not self.init_from.strip():
+                raise ValueError("checkpoint.init_from must be a path (or null), got an empty string")
+            if not os.path.exists(self.init_from):
+                raise ValueError(f"checkpoint.init_from: {self.init_from} does not exist (expected a Hugging Face "
+                                 "export directory, a megatron checkpoint directory or reference weights "
+                                 ".pt/.pth/.safetensors/.npz)")
+            if self.resume not in ("auto", "none"):
+                raise ValueError(f"checkpoint.init_from and checkpoint.resume={self.resume} exclude each other: "
+                                 "init_from loads weights only into a fresh run, resume continues a run; set one")
 
 
 @dataclass(kw_only=True)
@@ -291,6 +310,8 @@ class RunConfig:
             if self.train.nan_policy == "skip":
                 raise ValueError("engine 'deepspeed' does not support train.nan_policy 'skip' (DeepSpeed applies "
                                  "the update inside engine.step()); set train.nan_policy: abort")
+            if self.checkpoint.init_from is not None:
+                raise ValueError("engine 'deepspeed' does not support checkpoint.init_from; use engine: megatron")
         cp = self.parallel.context
         if cp > 1 and self.train.seq_length % (2 * cp):
             raise ValueError(f"parallel layout: train.seq_length {self.train.seq_length} is not divisible by "
@@ -381,7 +402,18 @@ def parse_override(text: str) -> tuple[list[str], object]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise ValueError(f"bad --set override {text!r}: expected KEY=VALUE, e.g. train.lr=3e-4")
-    return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
+    return key.strip().split("."), _parse_yaml(value, f"--set {text!r}") if value.strip() else None
+
+
+def _parse_yaml(text: str, source: str):
+    """``yaml.safe_load`` whose syntax errors are one line naming the source, line and problem."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ValueError(f"{source}: invalid YAML{where}: {problem}") from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -397,13 +429,26 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def resolve_config_path(name_or_path: str) -> Path:
+    """A YAML path as given, or a bare name looked up as ``configs/<name>.yaml``."""
     p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") and p.exists():
-        return p
+    if p.suffix in (".yaml", ".yml") or len(p.parts) > 1:
+        if p.is_file():
+            return p
+        raise ValueError(f"run config {name_or_path!r}: no such file{_did_you_mean(p)}")
     candidate = CONFIG_DIR / f"{name_or_path}.yaml"
     if candidate.exists():
         return candidate
-    raise ValueError(f"run config {name_or_path!r} not found (looked for the file and for {candidate})")
+    names = sorted(c.stem for c in CONFIG_DIR.glob("*.yaml"))
+    raise ValueError(f"run config {name_or_path!r} not found: neither a file nor a name in {CONFIG_DIR} "
+                     f"(names: {', '.join(names)})")
+
+
+def _did_you_mean(path: Path) -> str:
+    import difflib
+
+    siblings = [c.name for c in path.parent.glob("*.y*ml")] if path.parent.is_dir() else []
+    close = difflib.get_close_matches(path.name, siblings, n=1)
+    return f"; did you mean {str(path.parent / close[0])!r}?" if close else ""
 
 
 def load_run_config(name_or_path: str | None = None, overrides: list[str] = (), *, raw: dict | None = None) -> RunConfig:
@@ -413,9 +458,8 @@ def load_run_config(name_or_path: str | None = None, overrides: list[str] = (), 
     """
     if raw is None:
         path = resolve_config_path(name_or_path)
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
         source = str(path)
+        raw = _parse_yaml(path.read_text(), source) or {}
     else:
         source = "the config"
     if not isinstance(raw, dict):

@@ -37,6 +37,8 @@ class History:
     stopped_by_signal: bool = False
     last_checkpoint: str | None = None
     metrics: dict = field(default_factory=dict)
+    already_complete: bool = False
+    """The resumed checkpoint was already at the last step: nothing was trained or saved."""
 
 
 def init_distributed() -> None:
@@ -62,6 +64,9 @@ def init_distributed() -> None:
 
 
 class Trainer:
+    lock: ckpt.RunLock | None = None
+    """The hold on checkpoint.dir (rank 0), taken by ``kla_megatron.train.run``; released by close()."""
+
     def __init__(self, run: RunConfig):
         from megatron.core import parallel_state as ps
         from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
@@ -120,18 +125,36 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def resume(self) -> None:
+        """Load the checkpoint to continue from: ``checkpoint.resume``, or with 'auto' the newest in
+        ``checkpoint.dir`` that passes ckpt.check and loads. Each one skipped gets one line saying
+        why; CheckpointError if checkpoints exist but none loads."""
         c = self.run.checkpoint
         if c.resume == "none" or (c.resume == "auto" and not c.dir):
             return
-        if c.resume == "auto":
-            path = ckpt.latest(c.dir)
-            if path is None:
-                return
-        else:
-            path = c.resume
-            problem = ckpt.verify(path)
+        if c.resume != "auto":
+            problem = self._load_checkpoint(c.resume)
             if problem:
-                raise ValueError(f"checkpoint.resume: {path} is not a complete checkpoint: {problem}")
+                raise ckpt.CheckpointError(f"checkpoint.resume: cannot resume from {c.resume}: {problem}")
+            return
+        skipped = []
+        for _, path in ckpt.candidates(c.dir):
+            problem = self._load_checkpoint(path)
+            if problem is None:
+                return
+            skipped.append(path)
+            if self.rank == 0:
+                ckpt.notice(f"skipping checkpoint {path}: {problem}")
+        if skipped:
+            raise ckpt.CheckpointError(
+                f"none of the {len(skipped)} checkpoint(s) in {c.dir} can be loaded (see the lines above); "
+                "move them away, point checkpoint.resume at a good one, or set checkpoint.resume=none to start over")
+
+    def _load_checkpoint(self, path: str) -> str | None:
+        """Collective: load ``path``; None on success, else why it cannot be loaded (one line).
+        Raises ValueError where the run config, not the checkpoint, is the problem."""
+        problem = ckpt.check(path)
+        if problem:
+            return problem
         manifest = ckpt.read_manifest(path)
         saved = manifest.get("layout", {})
         if saved.get("engine", "megatron") != self.run.engine:
@@ -140,27 +163,45 @@ class Trainer:
         if self.run.engine == "deepspeed" and saved != self.layout:
             raise ValueError(f"engine 'deepspeed' does not support resuming under a different layout "
                              f"({saved} -> {self.layout}); resume with the same data-parallel size")
-        common = self.engine.load(os.path.join(path, "model"))
-        self.step = int(common["step"])
-        self.consumed_samples = int(common["consumed_samples"])
         same_layout = manifest.get("layout") == self.layout
-        if same_layout:
-            ckpt.load_rng(path, self.rank)
+        failure = None
+        try:
+            common = self.engine.load(os.path.join(path, "model"))
+            step, consumed = int(common["step"]), int(common["consumed_samples"])
+            if same_layout:
+                ckpt.load_rng(path, self.rank)
+        except ckpt.CAUGHT as exc:  # a checkpoint that passed the checks but does not load (older ones)
+            failure = f"it does not load ({ckpt.one_line(exc)})"
+        if dist.is_initialized():  # every rank skips it if any rank failed
+            failures = [None] * self.world
+            dist.all_gather_object(failures, failure)
+            failure = next((f for f in failures if f), None)
+        if failure:
+            return failure
+        self.step, self.consumed_samples = step, consumed
         self.history.resumed_from, self.history.start_step = path, self.step
         self.log(f"resumed from {path} at step {self.step}"
                  + ("" if same_layout else f" (layout {manifest.get('layout')} -> {self.layout}; RNG re-seeded)"))
+        return None
 
     def save(self) -> str | None:
         c = self.run.checkpoint
         if not c.dir or self.step == 0:
             return None
-        tmp = ckpt.begin(c.dir, self.step)
-        common = {"step": self.step, "consumed_samples": self.consumed_samples}
-        self.engine.save(os.path.join(tmp, "model"), common)
-        ckpt.save_rng(tmp, self.rank)
-        if self.rank == 0:
-            # The architecture travels with the weights: kla-convert reads it from here.
-            ckpt.save_model_config(tmp, self.model_cfg.to_dict())
+        if self.history.resumed_from == ckpt.step_dir(c.dir, self.step) and self.step == self.history.start_step:
+            return self.history.resumed_from  # nothing changed since it was loaded: leave it as it is
+        tmp = ckpt.begin(c.dir, self.step, self.lock)
+        failure = None
+        try:
+            common = {"step": self.step, "consumed_samples": self.consumed_samples}
+            self.engine.save(os.path.join(tmp, "model"), common)
+            ckpt.save_rng(tmp, self.rank)
+            if self.rank == 0:
+                # The architecture travels with the weights: kla-convert reads it from here.
+                ckpt.save_model_config(tmp, self.model_cfg.to_dict())
+        except ckpt.CAUGHT as exc:  # a full disk above all: every rank agrees, the partial save goes
+            failure = exc
+        ckpt.finish_writes(c.dir, self.step, failure)
         path = ckpt.commit(c.dir, self.step, {"layout": self.layout, "run_name": self.run.run_name}, c.keep_last)
         self.history.last_checkpoint = path
         self.log(f"saved checkpoint {path}")
@@ -171,6 +212,17 @@ class Trainer:
     def train(self) -> History:
         run, t = self.run, self.run.train
         self.resume()
+        from kla_megatron.checkpoint.init_from import init_from_weights
+        init_from_weights(self)  # checkpoint.init_from: weights only, when nothing was resumed
+        if self.history.resumed_from and self.step >= (t.exit_at_step or t.steps):
+            reached = ("the run is complete" if self.step >= t.steps
+                       else f"train.exit_at_step={t.exit_at_step} is reached")
+            self.log(f"{reached}: {self.history.resumed_from} is at step {self.step} of {t.steps}; nothing to do "
+                     "(raise train.steps to train further)")
+            self.history.already_complete = True
+            self.history.final_step = self.step
+            self.history.last_checkpoint = self.history.resumed_from
+            return self.history
         preempt = PreemptionHandler()
         fpt = models_api().flops_per_token(self.model_cfg, t.seq_length)
         meter = Throughput(fpt, self.world, peak_tflops(run.logging))
@@ -235,4 +287,7 @@ class Trainer:
         self.trackers.close()
         if barrier and dist.is_initialized():
             dist.barrier()
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
         ps.destroy_model_parallel()
