@@ -21,8 +21,11 @@ Parameter names (``model.layers.<i>.`` prefix; shapes as in the megatron model):
 LayerNorm models also have ``.bias`` on every norm.
 
 Decoding: ``KLACache`` holds each KLA layer's conv window and filter state (O(1) per token)
-and each attention layer's keys/values. ``output_variance=True`` also returns, per KLA layer,
-the mixer's output variance ``out_proj.weight² · y_var`` [b, s, D] (the paper's uncertainty).
+and each attention layer's keys/values (``reorder_cache`` for beam search). Padding (``attention_mask``
+0, any side, as generate's left padding) is exact: a padded position leaves the KLA conv window and
+filter state as they were and is masked in attention; RoPE positions count real tokens only.
+``output_variance=True`` also returns, per KLA layer, the mixer's output variance
+``out_proj.weight² · y_var`` [b, s, D] (the paper's uncertainty).
 """
 from __future__ import annotations
 
@@ -163,21 +166,54 @@ def run_filter(v, lambda_v, k, q, a, p, state, backend):
     return builtin_scan(v, lambda_v, k, q, a, p, state)
 
 
+def run_filter_lengths(v, lambda_v, k, q, a, p, state, backend, lengths=None):
+    """``run_filter`` where row b consumes only its first ``lengths[b]`` tokens (the rest are
+    padding: identity transition, no observation, output 0). Rows of equal length run together,
+    so every row sees exactly the sequence it would see alone (same kernels, same length)."""
+    if lengths is None:
+        return run_filter(v, lambda_v, k, q, a, p, state, backend)
+    y, y_var = v.new_zeros(v.shape), v.new_zeros(v.shape)
+    lam, eta = (t.clone() for t in state)
+    for length in sorted(set(lengths.tolist())):
+        if length == 0:
+            continue  # an all-padding row keeps its state
+        rows = (lengths == length).nonzero()[:, 0]
+        yr, yvr, (lr, er) = run_filter(v[rows, :length], lambda_v[rows, :length], k[rows, :length],
+                                       q[rows, :length], a, p, (lam[rows], eta[rows]), backend)
+        y[rows, :length], y_var[rows, :length] = yr.to(y.dtype), yvr.to(y.dtype)
+        lam[rows], eta[rows] = lr.to(lam.dtype), er.to(eta.dtype)
+    return y, y_var, (lam, eta)
+
+
 # ---------------------------------------------------------------------- cache
 
 
 class KLACache:
     """Decoding state: per layer index, KLA ``(conv window, (lam, eta))`` or attention ``(k, v)``.
-    ``seen`` counts the tokens already consumed (RoPE offset, input slicing)."""
+    ``seen`` counts the positions already consumed, padding included (input slicing; it is the
+    attention k/v length). ``mask`` [b, seen] marks the real ones (None: all real); it masks the
+    cached keys and gives RoPE positions. ``embeds_only`` counts prompt positions that came as
+    ``inputs_embeds`` without ids (generate keeps only the generated ids then)."""
 
     is_compileable = False
 
     def __init__(self):
         self.layers: Dict[int, tuple] = {}
         self.seen = 0
+        self.mask: Optional[torch.Tensor] = None
+        self.embeds_only = 0
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: row i of every state becomes row ``beam_idx[i]``."""
+        def pick(t):
+            return tuple(pick(u) for u in t) if isinstance(t, tuple) else t.index_select(0, beam_idx.to(t.device))
+
+        self.layers = {i: pick(c) for i, c in self.layers.items()}
+        if self.mask is not None:
+            self.mask = pick(self.mask)
 
 
 @dataclass
@@ -245,8 +281,9 @@ class KLAMixer(nn.Module):
         self.p = nn.Parameter(torch.full((H, self.P, S), 0.01))
         self.lambda_skip = nn.Parameter(torch.tensor(-1.0))
 
-    def _conv(self, x, window):
-        """Causal depthwise conv of x [b, s, M] after the K-1 inputs in ``window`` [b, M, K-1]."""
+    def _conv(self, x, window, lengths=None):
+        """Causal depthwise conv of x [b, s, M] after the K-1 inputs in ``window`` [b, M, K-1].
+        The new window holds the K-1 inputs before row position ``lengths`` (default s)."""
         b, s, M = x.shape
         K = self.K
         if window is None:
@@ -256,7 +293,10 @@ class KLAMixer(nn.Module):
         y = self.conv_bias.to(x.dtype).expand(b, s, M)
         for lag in range(K):
             y = y + padded[:, K - 1 - lag : K - 1 - lag + s] * w[:, K - 1 - lag]
-        return y, padded[:, padded.shape[1] - (K - 1) :].transpose(1, 2)
+        if lengths is None:
+            return y, padded[:, s:].transpose(1, 2)
+        idx = lengths[:, None] + torch.arange(K - 1, device=x.device)  # padded index of input t is t + K-1
+        return y, padded.gather(1, idx[..., None].expand(-1, -1, M)).transpose(1, 2)
 
     def _sensors(self, z):
         b, s, _ = z.shape
@@ -271,12 +311,20 @@ class KLAMixer(nn.Module):
         k, q = (x.to(dtype) / x.to(dtype).norm(dim=-1, keepdim=True).clamp_min(L2_EPS) for x in (k, q))
         return v.to(dtype), lambda_v, k, q
 
-    def forward(self, x, layer_cache=None, want_variance=False):
-        """x [b, s, D] → out [b, s, D], out_var or None, new layer cache."""
+    def forward(self, x, layer_cache=None, want_variance=False, mask=None):
+        """x [b, s, D] → out [b, s, D], out_var or None, new layer cache. ``mask`` [b, s] (True = real
+        token): padded positions leave the conv window and the filter state as they were."""
+        lengths = None
+        if mask is not None:
+            # Move each row's real tokens to the front (in order): the conv and the filter then see
+            # exactly the unpadded sequence; they stop after `lengths` tokens; outputs go back below.
+            order = torch.sort((~mask).to(torch.int32), dim=1, stable=True).indices
+            lengths = mask.sum(1)
+            x = x.gather(1, order[..., None].expand_as(x))
         z, gate = self.in_proj(x).split(self.M, dim=-1)
         b, s, _ = z.shape
         window, state = layer_cache if layer_cache is not None else (None, None)
-        z, window = self._conv(z, window)
+        z, window = self._conv(z, window, lengths)
         z = F.silu(z)
         v, lambda_v, k, q = self._sensors(z)
         dtype = torch.float64 if self.A_log.dtype == torch.float64 else torch.float32
@@ -285,7 +333,7 @@ class KLAMixer(nn.Module):
             shape = (b, self.H, self.P, self.S)
             state = (torch.ones(shape, dtype=dtype, device=x.device), torch.zeros(shape, dtype=dtype, device=x.device))
         with torch.autocast(device_type=x.device.type, enabled=False):
-            y, y_var, state = run_filter(v, lambda_v, k, q, a, p, state, self.backend)
+            y, y_var, state = run_filter_lengths(v, lambda_v, k, q, a, p, state, self.backend, lengths)
         y = y.reshape(b, s, self.M).to(z.dtype) + self.lambda_skip.to(z.dtype) * z
         g = F.silu(gate)
         out = self.out_proj(y * g)
@@ -293,6 +341,10 @@ class KLAMixer(nn.Module):
         if want_variance:
             y_var = y_var.reshape(b, s, self.M).to(z.dtype) * g.square()
             out_var = F.linear(y_var, self.out_proj.weight.square())
+        if mask is not None:  # back to the padded layout; a pad gets its last real token's output (finite, unused)
+            rank = (mask.cumsum(1) - 1).clamp_min(0)[..., None]
+            out = out.gather(1, rank.expand_as(out))
+            out_var = None if out_var is None else out_var.gather(1, rank.expand_as(out_var))
         return out, out_var, (window.detach(), tuple(t.detach() for t in state))
 
 
@@ -312,21 +364,22 @@ class KLAAttention(nn.Module):
         self.qkv_proj = nn.Linear(config.hidden_size, (self.nh + 2 * self.ng) * self.hd, bias=False)
         self.o_proj = nn.Linear(self.nh * self.hd, config.hidden_size, bias=False)
 
-    def _apply_rope(self, x, offset):
-        s = x.shape[1]
+    def _apply_rope(self, x, positions):
+        """x [b, s, h, hd] rotated by ``positions`` [b or 1, s]."""
         inv_freq = 1.0 / (self.base ** (torch.arange(0, self.hd, 2, dtype=torch.float32, device=x.device) / self.hd))
-        pos = torch.arange(offset, offset + s, dtype=torch.float32, device=x.device)
-        emb = torch.cat([torch.outer(pos, inv_freq)] * 2, dim=-1)[None, :, None, :]
+        freqs = positions.to(device=x.device, dtype=torch.float32)[..., None] * inv_freq
+        emb = torch.cat([freqs] * 2, dim=-1)[:, :, None, :]
         return x * emb.cos().to(x.dtype) + _rotate_half(x) * emb.sin().to(x.dtype)
 
-    def forward(self, x, layer_cache=None, offset=0):
+    def forward(self, x, layer_cache=None, positions=None, key_mask=None):
+        """``positions`` [b or 1, s] (RoPE); ``key_mask`` [b, total] (True = real key) or None."""
         b, s, _ = x.shape
         per = self.nh // self.ng
         qkv = self.qkv_proj(x).view(b, s, self.ng, (per + 2) * self.hd)
         q, k, v = qkv.split([per * self.hd, self.hd, self.hd], dim=-1)
         q = q.reshape(b, s, self.nh, self.hd)
         if self.rope:
-            q, k = self._apply_rope(q, offset), self._apply_rope(k, offset)
+            q, k = self._apply_rope(q, positions), self._apply_rope(k, positions)
         if layer_cache is not None:
             k, v = torch.cat([layer_cache[0], k], 1), torch.cat([layer_cache[1], v], 1)
         total = k.shape[1]
@@ -334,6 +387,13 @@ class KLAAttention(nn.Module):
         vr = v.repeat_interleave(per, dim=2)
         scores = torch.einsum("bqhd,bkhd->bhqk", q, kr) / math.sqrt(self.hd)
         allowed = torch.arange(total, device=x.device)[None, :] <= torch.arange(total - s, total, device=x.device)[:, None]
+        allowed = allowed[None, None]
+        if key_mask is not None:
+            # Padded keys are invisible. A padded query still sees itself: an all -inf row would be
+            # NaN, and 0 · NaN values would then leak into real rows through the einsum below.
+            cols = torch.arange(total, device=x.device)
+            own = cols[None, :] == cols[total - s :, None]
+            allowed = allowed & (key_mask[:, None, None, :].to(x.device) | own)
         scores = scores.float().masked_fill(~allowed, float("-inf")).softmax(-1).to(q.dtype)
         out = torch.einsum("bhqk,bkhd->bqhd", scores, vr).reshape(b, s, self.nh * self.hd)
         return self.o_proj(out), (k.detach(), v.detach())
@@ -369,13 +429,13 @@ class KLABlock(nn.Module):
         else:
             self.mlp = KLAMLP(config)
 
-    def forward(self, x, layer_cache, offset, want_variance):
+    def forward(self, x, layer_cache, positions, want_variance, mask=None, key_mask=None):
         h = self.norm(x)
         if self.symbol == "K":
-            out, var, layer_cache = self.mixer(h, layer_cache, want_variance)
+            out, var, layer_cache = self.mixer(h, layer_cache, want_variance, mask)
             return x + out, var, layer_cache
         if self.symbol == "*":
-            out, layer_cache = self.attn(h, layer_cache, offset)
+            out, layer_cache = self.attn(h, layer_cache, positions, key_mask)
             return x + out, None, layer_cache
         return x + self.mlp(h), None, None
 
@@ -386,7 +446,7 @@ class KLABlock(nn.Module):
 class KLAPreTrainedModel(PreTrainedModel):
     config_class = KLAConfig
     base_model_prefix = "model"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
     _is_stateful = True
 
     @classmethod
@@ -409,16 +469,52 @@ class KLAModel(KLAPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList([KLABlock(config, c) for c in config.layer_pattern])
         self.norm_f = KLANorm(config)
+        self.gradient_checkpointing = False  # set by HF's gradient/activation_checkpointing_enable
         self.post_init()
 
+    @staticmethod
+    def _padding(attention_mask, cache, b, s, device):
+        """(key mask [b, seen + s] or None when all real, RoPE positions [b or 1, s]). As transformers
+        does for left padding, a token's position counts the real tokens before it."""
+        seen = cache.seen if cache is not None else 0
+        past = cache.mask if cache is not None else None
+        if attention_mask is not None:
+            am = attention_mask.to(device=device, dtype=torch.bool)
+            if am.shape[1] == seen + s:  # generate's mask covers the past too
+                full = am
+            elif am.shape[1] == s:  # the mask of this chunk only
+                full = am if seen == 0 else torch.cat([past if past is not None else am.new_ones(b, seen), am], 1)
+            else:
+                raise ValueError(f"KLAForCausalLM: attention_mask has {am.shape[1]} columns, expected {s} or "
+                                 f"{seen + s} ({seen} cached + {s} new positions)")
+        elif past is not None:
+            full = torch.cat([past, past.new_ones(b, s)], 1)
+        else:
+            full = None
+        if full is not None and bool(full.all()):
+            full = None  # no padding: the plain path
+        if full is None:
+            return None, torch.arange(seen, seen + s, device=device)[None]
+        return full, (full.cumsum(1) - 1)[:, -s:].masked_fill(~full[:, -s:], 1)
+
     def forward(self, input_ids=None, inputs_embeds=None, cache: Optional[KLACache] = None, want_variance=False,
-                output_hidden_states=False):
+                output_hidden_states=False, attention_mask=None, position_ids=None):
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        offset = cache.seen if cache is not None else 0
+        b, s = x.shape[:2]
+        key_mask, positions = self._padding(attention_mask, cache, b, s, x.device)
+        if position_ids is not None:
+            positions = position_ids
+        chunk_mask = None if key_mask is None or bool(key_mask[:, -s:].all()) else key_mask[:, -s:]
+        if cache is not None:
+            cache.mask = key_mask
         variances, hidden = [], [x] if output_hidden_states else None
         for i, layer in enumerate(self.layers):
             layer_cache = cache.layers.get(i) if cache is not None else None
-            x, var, layer_cache = layer(x, layer_cache, offset, want_variance)
+            args = (x, layer_cache, positions, want_variance, chunk_mask, key_mask)
+            if self.gradient_checkpointing and self.training:  # recompute the layer in backward
+                x, var, layer_cache = self._gradient_checkpointing_func(layer.__call__, *args)
+            else:
+                x, var, layer_cache = layer(*args)
             if cache is not None and layer_cache is not None:
                 cache.layers[i] = layer_cache
             if var is not None:
@@ -455,8 +551,11 @@ class KLAForCausalLM(KLAPreTrainedModel, GenerationMixin):
         if not isinstance(cache, KLACache):
             cache = KLACache() if use_cache is not False else None
         if cache is not None and cache.seen > 0:
-            input_ids = input_ids[:, cache.seen :]  # only the tokens the state has not consumed
+            # only the tokens the state has not consumed (ids do not cover an inputs_embeds prompt)
+            input_ids = input_ids[:, cache.seen - cache.embeds_only :]
             inputs_embeds = None
+        elif cache is not None and inputs_embeds is not None:
+            cache.embeds_only = inputs_embeds.shape[1] - input_ids.shape[1]
         inputs = {"cache": cache, "use_cache": use_cache, "attention_mask": attention_mask}
         if inputs_embeds is not None:
             inputs["inputs_embeds"] = inputs_embeds
@@ -466,14 +565,14 @@ class KLAForCausalLM(KLAPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, cache=None, past_key_values=None, inputs_embeds=None,
                 labels=None, use_cache=None, output_variance=False, output_hidden_states=None, return_dict=None,
-                logits_to_keep=0, **kwargs):
-        """Logits [b, s, V] (fp32). ``attention_mask`` may only mark right padding (the recurrent
-        state would absorb left padding); ``labels`` give the mean next-token cross entropy."""
-        if attention_mask is not None and attention_mask.dim() == 2:
-            mask = attention_mask.to(torch.bool)
-            if bool((~mask[:, :-1] & mask[:, 1:]).any()):
-                raise ValueError("KLAForCausalLM: left or inner padding is not supported (recurrent state); "
-                                 "pad on the right (tokenizer.padding_side = 'right')")
+                logits_to_keep=0, position_ids=None, **kwargs):
+        """Logits [b, s, V] (fp32). ``attention_mask`` [b, s] or [b, cached + s] (0 = padding, any
+        side): a padded position leaves every KLA state as it was and is masked in attention, so a
+        padded row gives the logits of the row alone at its real positions (padded ones: unused).
+        ``labels`` give the mean next-token cross entropy."""
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(f"KLAForCausalLM: attention_mask must be [batch, length], "
+                             f"got {tuple(attention_mask.shape)}")
         cache = cache if cache is not None else past_key_values
         if cache is not None and not isinstance(cache, KLACache):
             if cache.get_seq_length() != 0:
@@ -482,7 +581,7 @@ class KLAForCausalLM(KLAPreTrainedModel, GenerationMixin):
         if cache is None and use_cache:
             cache = KLACache()
         hidden, variances, all_hidden = self.model(input_ids, inputs_embeds, cache, output_variance,
-                                                   bool(output_hidden_states))
+                                                   bool(output_hidden_states), attention_mask, position_ids)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = F.linear(hidden, self.output_weight().to(hidden.dtype))
@@ -496,4 +595,7 @@ class KLAForCausalLM(KLAPreTrainedModel, GenerationMixin):
                                  variances=variances if output_variance else None, **cache_field)
 
     def _reorder_cache(self, cache, beam_idx):
-        raise ValueError("KLAForCausalLM: beam search is not supported (use greedy or sampling)")
+        """Beam search: each kept beam continues from the state of the beam it extends."""
+        if isinstance(cache, KLACache):
+            cache.reorder_cache(beam_idx)
+        return cache
