@@ -258,7 +258,7 @@ def _describe(cfg, sp, paths, stats, mismatches, checked, seconds) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kla-train-tokenizer", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="kla-train-tokenizer", description=__doc__.split("\n\n")[0].replace("``", "`"),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--input", dest="inputs", nargs="+", required=True, help="input files or globs (quote globs)")
     p.add_argument("--output-prefix", required=True, help="writes <prefix>.model, <prefix>.vocab, <prefix>.json")

@@ -7,12 +7,12 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-
-from kla_megatron.ops.kla import discretize, kla_decode_step, kla_scan
-
 
 def _inputs(B, L, H, P, S, dtype, gen):
+    import torch
+
+    from kla_megatron.ops.kla import discretize
+
     k = torch.nn.functional.normalize(torch.randn(B, L, H, S, generator=gen), dim=-1)
     q = torch.nn.functional.normalize(torch.randn(B, L, H, S, generator=gen), dim=-1)
     v = torch.randn(B, L, H, P, generator=gen)
@@ -24,10 +24,14 @@ def _inputs(B, L, H, P, S, dtype, gen):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--length", type=int, default=512)
-    parser.add_argument("--heads", type=int, default=4)
+    parser = argparse.ArgumentParser(description=__doc__.replace("``", "`"))
+    parser.add_argument("--length", type=int, default=512, help="sequence length L of the demo scan (default 512)")
+    parser.add_argument("--heads", type=int, default=4, help="number of KLA heads H (default 4)")
     args = parser.parse_args(argv)
+    import torch  # after parsing: --help answers without loading torch
+
+    from kla_megatron.ops.kla import kla_decode_step, kla_scan
+
     gen = torch.Generator().manual_seed(0)
     B, L, H, P, S = 2, args.length, args.heads, 16, 8
 

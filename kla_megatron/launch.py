@@ -27,7 +27,7 @@ SCHEDULERS = ("slurm", "torchrun", "deepspeed")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="kla-launch", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="kla-launch", description=__doc__.split("\n\n")[0].replace("``", "`"))
     ap.add_argument("--config", required=True, help="run config (configs/<name>.yaml or a name in configs/)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="config override passed to the trainer (repeatable)")

@@ -20,7 +20,7 @@ import yaml
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="kla-pretrain", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="kla-pretrain", description=__doc__.split("\n\n")[0].replace("``", "`"))
     ap.add_argument("--config", required=True, help="run config: a configs/<name>.yaml path or a name in configs/")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config field, e.g. --set train.lr=3e-4 (repeatable)")
@@ -77,6 +77,7 @@ def _notices_as_lines(category) -> None:
 
 def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    parse_args(argv)  # --help and usage errors answer before torch and megatron-core are imported
     from kla_megatron.training.checkpoint import CheckpointError, CheckpointWarning
     from kla_megatron.training.trainer import NonFiniteError
 

@@ -17,9 +17,14 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp64": "float64"}  # torch dtype names
+
+
+def _dtype(name: str):
+    import torch  # imported late: --help answers without loading torch
+
+    return getattr(torch, DTYPES[name])
 
 
 def _model_config(args, ckpt_dir: Path):
@@ -62,7 +67,7 @@ def megatron_to_hf(args) -> int:
     cfg = _model_config(args, src)
     state = rename(load_megatron_state(src, cfg), cfg.layer_pattern)
     hf_io.export_hf(state, hf_io.make_config(hf_config_dict(cfg)), args.out, tokenizer_model=args.tokenizer,
-                    dtype=DTYPES[args.dtype])
+                    dtype=_dtype(args.dtype))
     print(f"kla-convert: wrote {args.out}")
     if args.verify:
         tokens = verify.random_tokens(cfg.vocab_size)
@@ -121,6 +126,8 @@ def _verify_reference(args, cfg, logits_of) -> int:
 
         data = np.load(args.src)
         if "tokens" in data.files and "logits" in data.files:
+            import torch
+
             tokens = torch.from_numpy(np.array(data["tokens"]))
             return _report("reference logits vs converted", verify.compare(
                 torch.from_numpy(np.array(data["logits"])).float(), logits_of(tokens)), args.tol)
@@ -137,7 +144,7 @@ def reference_to_hf(args) -> int:
     cfg, state = _reference(args)
     hf_io.export_hf(rename({k: v.float() for k, v in state.items()}, cfg.layer_pattern),
                     hf_io.make_config(hf_config_dict(cfg)), args.out, tokenizer_model=args.tokenizer,
-                    dtype=DTYPES[args.dtype])
+                    dtype=_dtype(args.dtype))
     print(f"kla-convert: wrote {args.out}")
     if args.verify:
         _, model = _hf_from_dir(args.out)
@@ -178,7 +185,7 @@ COMMANDS = {"megatron-to-hf": megatron_to_hf, "hf-to-megatron": hf_to_megatron, 
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kla-convert", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="kla-convert", description=__doc__.split("\n\n")[0].replace("``", "`"),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=sorted(COMMANDS))
     p.add_argument("src", help="source checkpoint (megatron run/iter/model dir, HF dir, or reference file)")
