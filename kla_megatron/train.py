@@ -75,8 +75,28 @@ def _notices_as_lines(category) -> None:
     warnings.showwarning = showwarning
 
 
+# Library notices that are expected on a supported setup and say nothing a user can act on.
+HARMLESS_WARNINGS = [
+    ".*Transformer Engine and Apex are not installed.*",  # megatron-core's fallbacks (CPU, plain pip)
+    "Apex is not installed.*",
+    "full scope is deprecated.*",  # megatron-core's own TransformerConfig default
+    "The .grad attribute of a Tensor that is not a leaf Tensor.*",  # megatron-core's DDP hook probe
+    ".*`load_state_dict` is deprecated.*",  # inside megatron-core's dist_checkpointing loader
+    r".*`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated.*",
+]
+
+
+def _quiet_libraries() -> None:
+    import logging
+
+    for pattern in HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    # "Unable to save MockGPTDataset indexes because path_to_cache is None", once per split
+    logging.getLogger("megatron.core.datasets.gpt_dataset").addFilter(lambda r: "path_to_cache is None" not in r.getMessage())
+
+
 def main(argv=None) -> int:
-    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    _quiet_libraries()
     parse_args(argv)  # --help and usage errors answer before torch and megatron-core are imported
     from kla_megatron.training.checkpoint import CheckpointError, CheckpointWarning
     from kla_megatron.training.trainer import NonFiniteError

@@ -174,3 +174,26 @@ def test_sigterm_writes_a_complete_loadable_checkpoint(model_yaml, tmp_path):
         model_yaml, ck, "--set", f"train.steps={step + 1}", "--set", "train.deterministic=false",
         "--set", "train.warmup_steps=0")],))[0]
     assert res["start"] == step and list(res["losses"]) == [step + 1]
+
+
+def test_cli_output_is_a_banner_steps_and_a_summary_without_library_warnings(tmp_path):
+    """kla-pretrain prints what runs (banner), progress and an end summary; no library warnings
+    (our own notices are plain lines). Run twice: the second time it resumes and says the run is done."""
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "kla_megatron.train", "--config", "tiny_cpu", "--set", "data.kind=mock",
+            "--set", "train.steps=2", "--set", "train.warmup_steps=1", "--set", f"checkpoint.dir={tmp_path / 'ck'}",
+            "--set", "logging.interval=1"]
+    first = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr
+    out = first.stdout + first.stderr
+    assert "kla-pretrain: tiny_cpu: model kla_tiny (K-K-" in out and "fresh start" in out
+    assert "kla-pretrain: done 2 steps to step 2/2: 2,048 tokens" in out and "iter_0000002" in out
+    second = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    out2 = second.stdout + second.stderr
+    assert second.returncode == 0 and "the run is complete" in out2
+    for text in (out, out2):
+        noisy = [line for line in text.splitlines() if "Warning" in line or "warnings.warn" in line
+                 or "Unable to save" in line]
+        assert not noisy, noisy

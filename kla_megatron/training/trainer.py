@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -223,6 +224,8 @@ class Trainer:
             self.history.final_step = self.step
             self.history.last_checkpoint = self.history.resumed_from
             return self.history
+        self._banner()
+        started, start_step = time.perf_counter(), self.step
         preempt = PreemptionHandler()
         fpt = models_api().flops_per_token(self.model_cfg, t.seq_length)
         meter = Throughput(fpt, self.world, peak_tflops(run.logging))
@@ -279,7 +282,35 @@ class Trainer:
         finally:
             preempt.restore()
         self.history.final_step = self.step
+        self._summary(time.perf_counter() - started, self.step - start_step)
         return self.history
+
+    def _banner(self) -> None:
+        """What runs, on what, from where: one block before the first step."""
+        run, t, m = self.run, self.run.train, self.model_cfg
+        chunks = getattr(self.engine, "raw_chunks", None) or []
+        n = sum(p.numel() for c in chunks for p in c.parameters())
+        sharded = run.parallel.tensor * run.parallel.pipeline > 1
+        params = f", {n / 1e6:.1f}M parameters{' on this rank' if sharded else ''}" if n else ""
+        L = self.layout
+        data = "mock data" if run.data.kind == "mock" else f"data {', '.join(map(str, run.data.blend))}"
+        start = (f"resumed from {self.history.resumed_from} at step {self.step}" if self.history.resumed_from
+                 else f"weights from {run.checkpoint.init_from}, step 0" if run.checkpoint.init_from
+                 else "fresh start")
+        self.log(f"kla-pretrain: {run.run_name}: model {m.name} ({m.layer_pattern}, d {m.hidden_size}{params}) | "
+                 f"tensor {L['tensor']} x pipeline {L['pipeline']} x context {L['context']} x data {L['data']} "
+                 f"({L['engine']}) | seq {t.seq_length}, global batch {t.global_batch_size}, {t.steps} steps | "
+                 f"{data} | checkpoints {run.checkpoint.dir or '(none)'} | {start}")
+
+    def _summary(self, seconds: float, steps: int) -> None:
+        t, h = self.run.train, self.history
+        tokens = steps * t.global_batch_size * t.seq_length
+        last = max(h.losses) if h.losses else None
+        loss = f", last step loss {h.losses[last]:.4f}" if last else ""
+        valid = f", validation loss {h.valid[max(h.valid)]:.4f}" if h.valid else ""
+        saved = f"; checkpoint {h.last_checkpoint}" if h.last_checkpoint else ""
+        self.log(f"kla-pretrain: done {steps} steps to step {self.step}/{t.steps}: {tokens:,} tokens in "
+                 f"{seconds:.1f} s{loss}{valid}{saved}")
 
     def close(self, barrier: bool = True) -> None:
         from megatron.core import parallel_state as ps
