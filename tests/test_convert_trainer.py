@@ -407,3 +407,26 @@ def test_init_from_errors_are_one_line(main_job, main_hf, tp2pp2, tmp_path):
         assert "\n" not in message and len(message) < 1500, message
         for needle in needles:
             assert needle in message, (needle, message)
+
+
+def test_main_job_then_conversion_then_hf_generate(main_job, main_hf):
+    """The user's path: the README's main job, the documented conversion, then transformers'
+    AutoTokenizer + AutoModelForCausalLM + a left-padded batched generate."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import kla_megatron.hf  # noqa: F401  (registers the "kla" model type with the Auto classes)
+
+    out = main_hf[1]
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    tok.pad_token = tok.pad_token or tok.eos_token
+    tok.padding_side = "left"
+    prompts = ["The module", "A function that returns the list of"]
+    batch = tok(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        together = model.generate(**batch, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+        for row, prompt in enumerate(prompts):
+            alone = model.generate(**tok([prompt], return_tensors="pt"), max_new_tokens=8, do_sample=False,
+                                   pad_token_id=tok.pad_token_id)
+            assert together[row, -8:].tolist() == alone[0, -8:].tolist(), prompt
+    assert all(isinstance(t, str) for t in tok.batch_decode(together[:, -8:]))
