@@ -106,14 +106,9 @@ class KLAModelConfig:
 
     @classmethod
     def from_yaml(cls, path: Union[str, Path]) -> "KLAModelConfig":
-        import yaml
+        from kla_megatron.yaml_io import parse_yaml
 
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-            raise ValueError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
+        data = parse_yaml(Path(path).read_text(), str(path)) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of model config keys at the top level")
         known = {f.name for f in fields(cls)}
@@ -185,3 +180,4 @@ def load_model_config(name_or_path: Union[str, Path]) -> KLAModelConfig:
         available = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
         raise FileNotFoundError(f"no model config {str(name_or_path)!r}; available: {available}")
     return KLAModelConfig.from_yaml(path)
+

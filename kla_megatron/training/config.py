@@ -30,7 +30,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
+from kla_megatron.yaml_io import parse_yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -402,18 +402,8 @@ def parse_override(text: str) -> tuple[list[str], object]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise ValueError(f"bad --set override {text!r}: expected KEY=VALUE, e.g. train.lr=3e-4")
-    return key.strip().split("."), _parse_yaml(value, f"--set {text!r}") if value.strip() else None
+    return key.strip().split("."), parse_yaml(value, f"--set {text!r}") if value.strip() else None
 
-
-def _parse_yaml(text: str, source: str):
-    """``yaml.safe_load`` whose syntax errors are one line naming the source, line and problem."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ValueError(f"{source}: invalid YAML{where}: {problem}") from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -459,7 +449,7 @@ def load_run_config(name_or_path: str | None = None, overrides: list[str] = (), 
     if raw is None:
         path = resolve_config_path(name_or_path)
         source = str(path)
-        raw = _parse_yaml(path.read_text(), source) or {}
+        raw = parse_yaml(path.read_text(), source) or {}
     else:
         source = "the config"
     if not isinstance(raw, dict):

@@ -288,10 +288,7 @@ class Trainer:
     def _banner(self) -> None:
         """What runs, on what, from where: one block before the first step."""
         run, t, m = self.run, self.run.train, self.model_cfg
-        chunks = getattr(self.engine, "raw_chunks", None) or []
-        n = sum(p.numel() for c in chunks for p in c.parameters())
-        sharded = run.parallel.tensor * run.parallel.pipeline > 1
-        params = f", {n / 1e6:.1f}M parameters{' on this rank' if sharded else ''}" if n else ""
+        params = f", {models_api().num_parameters(m) / 1e6:.1f}M parameters"
         L = self.layout
         data = "mock data" if run.data.kind == "mock" else f"data {', '.join(map(str, run.data.blend))}"
         start = (f"resumed from {self.history.resumed_from} at step {self.step}" if self.history.resumed_from
