@@ -6,7 +6,7 @@ from kla_megatron.ops.kla import discretize, kla_decode_step, kla_scan
 
 from .kla_inputs import make_inputs
 
-BACKENDS = ["naive", "torch"]
+BACKENDS = ["naive", "recurrent", "torch"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -84,7 +84,7 @@ class KLAMixerConfig:
     """Rank of the "mamba" variance bottleneck (all heads together); default ceil(D/8).
     Each head gets var_rank/H."""
     scan_backend: str = "auto"
-    """kla_scan backend: "auto", "torch", "triton", "naive"."""
+    """kla_scan backend: "auto", "recurrent", "torch", "triton", "naive"."""
     recompute_scan: bool = False
     """Selective recompute: keep only the post-conv z and the gate for backward and run the sensor
     activations, the scan and the output gate again there (train.recompute=selective)."""
@@ -310,7 +310,7 @@ class KLAMixer(MegatronModule):
         position of each token inside its packed document (taps reaching before the document
         start read zero). Returns ``(y [b, s, M], new window)``.
         """
-        backend = "torch" if self.mc.scan_backend == "naive" else self.mc.scan_backend
+        backend = "torch" if self.mc.scan_backend in ("naive", "recurrent") else self.mc.scan_backend
         return causal_conv1d(x, self.conv_weight.to(x.dtype), self.conv_bias.to(x.dtype), window=window,
                              position_in_doc=position_in_doc, activation=activation, backend=backend)
 

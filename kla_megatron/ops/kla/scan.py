@@ -20,9 +20,10 @@ import torch
 from .chunk_torch import torch_kla_scan
 from .fused_recurrent import torch_kla_step
 from .naive import naive_kla_scan
+from .recurrent import recurrent_kla_scan
 
 State = Tuple[torch.Tensor, torch.Tensor]
-BACKENDS = ("auto", "naive", "torch", "triton")
+BACKENDS = ("auto", "naive", "recurrent", "torch", "triton")
 _IO_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 _STATE_DTYPES = (torch.float32, torch.float64)
 
@@ -112,6 +113,10 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"kla_scan: unknown backend {backend!r}; choose one of {BACKENDS}")
     if backend == "auto":
+        # Measured (bench/bench_scan_cpu.py, bench/README.md): on the CPU the blocked sequential
+        # scan beats the parallel one by 30-240x, with and without grad.
+        if device.type == "cpu":
+            return "recurrent"
         return "triton" if device.type == "cuda" and triton_available() else "torch"
     if backend == "triton" and not triton_available():
         raise RuntimeError("kla_scan: backend='triton' needs Triton (pip install triton) on Linux")
@@ -152,8 +157,10 @@ def kla_scan(
         output_final_state: also return the state after the last token of each sequence.
         cu_seqlens: ``[N + 1]`` int offsets of packed documents (then ``B`` must be 1);
             the filter restarts from ``initial_state[n]`` at every document start.
-        backend: ``"naive"`` (sequential reference), ``"torch"`` (parallel PyTorch),
-            ``"triton"`` (CUDA kernels) or ``"auto"`` (Triton on CUDA, else torch).
+        backend: ``"naive"`` (sequential reference), ``"recurrent"`` (blocked sequential
+            PyTorch with a hand-written backward: fastest on the CPU), ``"torch"`` (parallel
+            PyTorch), ``"triton"`` (CUDA kernels) or ``"auto"`` (recurrent on the CPU, Triton
+            on CUDA, else torch).
         check_values: check value constraints (reads back to host: off inside layers, under
             torch.compile and in CUDA graphs).
         deterministic: Triton backward without atomics (bitwise reproducible).
@@ -183,6 +190,8 @@ def kla_scan(
         _check_values(lambda_v, a, p, initial_state, cu_seqlens, v.shape[1])
     backend = _resolve_backend(backend, v.device)
     args = (v, lambda_v, k, q, a, p, initial_state, output_final_state, cu_seqlens)
+    if backend == "recurrent":
+        return recurrent_kla_scan(*args, output_variance=output_variance)
     if backend in ("naive", "torch"):
         y, y_var, final = (naive_kla_scan if backend == "naive" else torch_kla_scan)(*args)
         return y, (y_var if output_variance else None), final

@@ -66,11 +66,12 @@ def _check(sens: Tensor, S: int) -> int:
 
 def use_triton(backend: str, x: Tensor) -> bool:
     """Whether a fused glue op runs its Triton kernels: ``backend`` as in ``kla_scan`` ("auto":
-    on CUDA; "triton": also on the CPU through ``TRITON_INTERPRET=1``; "torch"/"naive": never).
+    on CUDA; "triton": also on the CPU through ``TRITON_INTERPRET=1``; "torch"/"naive"/"recurrent":
+    never).
     float64 always takes the PyTorch form."""
-    if backend not in ("auto", "triton", "torch", "naive"):
-        raise ValueError(f"unknown backend {backend!r}; choose 'auto', 'triton', 'torch' or 'naive'")
-    if x.dtype == torch.float64 or triton is None or backend in ("torch", "naive"):
+    if backend not in ("auto", "triton", "torch", "naive", "recurrent"):
+        raise ValueError(f"unknown backend {backend!r}; choose 'auto', 'triton', 'torch', 'naive' or 'recurrent'")
+    if x.dtype == torch.float64 or triton is None or backend in ("torch", "naive", "recurrent"):
         return False
     return backend == "triton" or x.is_cuda
 
