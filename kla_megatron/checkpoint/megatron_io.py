@@ -106,7 +106,8 @@ def build_model(cfg: KLAModelConfig, tp: int = 1, pp: int = 1, dtype=torch.float
     from kla_megatron.models import build_kla_model
 
     _setup(tp, pp)
-    cfg = dataclasses.replace(cfg, scan_backend="torch" if not torch.cuda.is_available() else cfg.scan_backend)
+    # no GPU: "auto" picks the fastest exact CPU scan instead of a Triton backend named in the config
+    cfg = dataclasses.replace(cfg, scan_backend="auto" if not torch.cuda.is_available() else cfg.scan_backend)
     tc = cfg.to_transformer_config(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, params_dtype=dtype)
     return build_kla_model(cfg, tc, pre_process=parallel_state.is_pipeline_first_stage(),
                            post_process=parallel_state.is_pipeline_last_stage())
