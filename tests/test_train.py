@@ -188,6 +188,8 @@ def test_cli_output_is_a_banner_steps_and_a_summary_without_library_warnings(tmp
     first = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr
     out = first.stdout + first.stderr
+    assert "kla-pretrain: building datasets (mock) ..." in out and "kla-pretrain: building datasets: done in" in out
+    assert "kla-pretrain: building the model and optimizer: done in" in out
     assert "kla-pretrain: tiny_cpu: model kla_tiny (K-K-" in out and "fresh start" in out
     assert "kla-pretrain: done 2 steps to step 2/2: 2,048 tokens" in out and "iter_0000002" in out
     second = subprocess.run(argv, capture_output=True, text=True, timeout=600)

@@ -6,6 +6,7 @@ of consumed samples, the layout and the RNG states.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -91,15 +92,18 @@ class Trainer:
         torch.manual_seed(t.seed)
         model_parallel_cuda_manual_seed(t.seed)
         self.model_cfg = load_model_config(run)
-        self.datasets = build_datasets(run, self.model_cfg.vocab_size)
-        if run.engine == "megatron":
-            from .megatron_engine import MegatronEngine
+        cached = " (index files are cached for the next run)" if run.data.kind != "mock" else " (mock)"
+        with self._phase("building datasets" + cached):
+            self.datasets = build_datasets(run, self.model_cfg.vocab_size)
+        with self._phase(f"building the model and optimizer ({run.engine})"):
+            if run.engine == "megatron":
+                from .megatron_engine import MegatronEngine
 
-            self.engine = MegatronEngine(run, self.model_cfg, self.datasets.eod_id)
-        else:
-            from .deepspeed_engine import DeepSpeedEngine
+                self.engine = MegatronEngine(run, self.model_cfg, self.datasets.eod_id)
+            else:
+                from .deepspeed_engine import DeepSpeedEngine
 
-            self.engine = DeepSpeedEngine(run, self.model_cfg, self.datasets.eod_id)
+                self.engine = DeepSpeedEngine(run, self.model_cfg, self.datasets.eod_id)
         self.layout = {"tensor": p.tensor, "pipeline": p.pipeline, "context": p.context, "data": self.dp,
                        "virtual_pipeline": p.virtual_pipeline, "engine": run.engine}
         self.trackers = Trackers(run.logging, run.run_name, run.to_dict(), enabled=self.rank == 0)
@@ -113,6 +117,14 @@ class Trainer:
     def log(self, msg: str) -> None:
         if self.rank == 0:
             print(msg, flush=True)
+
+    @contextlib.contextmanager
+    def _phase(self, what: str):
+        """One line before a start-up phase and its duration after, so a slow start is not silence."""
+        self.log(f"kla-pretrain: {what} ...")
+        start = time.perf_counter()
+        yield
+        self.log(f"kla-pretrain: {what.split(' (')[0]}: done in {time.perf_counter() - start:.1f} s")
 
     def _global_batch(self) -> list[dict]:
         return rank_micro_batches(self.datasets.train, self.consumed_samples, self.run, self.dp_rank, self.dp)
@@ -233,6 +245,9 @@ class Trainer:
         interval_losses = []
         try:
             last = t.exit_at_step or t.steps
+            if self.step < last:
+                self.log(f"kla-pretrain: step {self.step + 1} runs first-use work (kernel compilation, "
+                         "autotuning); the first log line may take a while")
             while self.step < last:
                 result = self.engine.train_step(self._global_batch(), self.step)
                 self.step += 1
