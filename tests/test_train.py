@@ -188,10 +188,13 @@ def test_cli_output_is_a_banner_steps_and_a_summary_without_library_warnings(tmp
     first = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr
     out = first.stdout + first.stderr
-    assert "kla-pretrain: building datasets (mock) ..." in out and "kla-pretrain: building datasets: done in" in out
-    assert "kla-pretrain: building the model and optimizer: done in" in out
-    assert "kla-pretrain: tiny_cpu: model kla_tiny (K-K-" in out and "fresh start" in out
-    assert "kla-pretrain: done 2 steps to step 2/2: 2,048 tokens" in out and "iter_0000002" in out
+    lines = out.splitlines()
+    assert "building datasets (mock) ..." in lines and any(s.startswith("building datasets: done in") for s in lines)
+    assert any(s.startswith("building the model and optimizer: done in") for s in lines)
+    assert "run tiny_cpu: model kla_tiny (K-K-" in out and "fresh start" in out
+    assert "done: 2 steps to step 2/2: 2,048 tokens" in out and "iter_0000002" in out
+    # our own notices are the only lines with the CLI's prefix (tests of checkpoint faults count them)
+    assert not [s for s in lines if s.startswith("kla-pretrain: ")]
     second = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     out2 = second.stdout + second.stderr
     assert second.returncode == 0 and "the run is complete" in out2

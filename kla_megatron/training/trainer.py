@@ -121,10 +121,10 @@ class Trainer:
     @contextlib.contextmanager
     def _phase(self, what: str):
         """One line before a start-up phase and its duration after, so a slow start is not silence."""
-        self.log(f"kla-pretrain: {what} ...")
+        self.log(f"{what} ...")
         start = time.perf_counter()
         yield
-        self.log(f"kla-pretrain: {what.split(' (')[0]}: done in {time.perf_counter() - start:.1f} s")
+        self.log(f"{what.split(' (')[0]}: done in {time.perf_counter() - start:.1f} s")
 
     def _global_batch(self) -> list[dict]:
         return rank_micro_batches(self.datasets.train, self.consumed_samples, self.run, self.dp_rank, self.dp)
@@ -246,7 +246,7 @@ class Trainer:
         try:
             last = t.exit_at_step or t.steps
             if self.step < last:
-                self.log(f"kla-pretrain: step {self.step + 1} runs first-use work (kernel compilation, "
+                self.log(f"step {self.step + 1} runs first-use work (kernel compilation, "
                          "autotuning); the first log line may take a while")
             while self.step < last:
                 result = self.engine.train_step(self._global_batch(), self.step)
@@ -309,7 +309,7 @@ class Trainer:
         start = (f"resumed from {self.history.resumed_from} at step {self.step}" if self.history.resumed_from
                  else f"weights from {run.checkpoint.init_from}, step 0" if run.checkpoint.init_from
                  else "fresh start")
-        self.log(f"kla-pretrain: {run.run_name}: model {m.name} ({m.layer_pattern}, d {m.hidden_size}{params}) | "
+        self.log(f"run {run.run_name}: model {m.name} ({m.layer_pattern}, d {m.hidden_size}{params}) | "
                  f"tensor {L['tensor']} x pipeline {L['pipeline']} x context {L['context']} x data {L['data']} "
                  f"({L['engine']}) | seq {t.seq_length}, global batch {t.global_batch_size}, {t.steps} steps | "
                  f"{data} | checkpoints {run.checkpoint.dir or '(none)'} | {start}")
@@ -321,7 +321,7 @@ class Trainer:
         loss = f", last step loss {h.losses[last]:.4f}" if last else ""
         valid = f", validation loss {h.valid[max(h.valid)]:.4f}" if h.valid else ""
         saved = f"; checkpoint {h.last_checkpoint}" if h.last_checkpoint else ""
-        self.log(f"kla-pretrain: done {steps} steps to step {self.step}/{t.steps}: {tokens:,} tokens in "
+        self.log(f"done: {steps} steps to step {self.step}/{t.steps}: {tokens:,} tokens in "
                  f"{seconds:.1f} s{loss}{valid}{saved}")
 
     def close(self, barrier: bool = True) -> None:
