@@ -84,16 +84,8 @@ def torch_kla_scan(
     """Same contract as :func:`kla_megatron.ops.kla.kla_scan`; computes in fp32
     (float64 when ``a`` is float64)."""
     io_dtype = v.dtype
-    dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
-    v, lambda_v, k, q, a, p = (x.to(dtype) for x in (v, lambda_v, k, q, a, p))
-    B, L, H, P = v.shape
-    S = k.shape[-1]
-    n_seq = B if cu_seqlens is None else cu_seqlens.numel() - 1
-    if initial_state is None:
-        lam0 = v.new_ones(n_seq, H, P, S)
-        eta0 = v.new_zeros(n_seq, H, P, S)
-    else:
-        lam0, eta0 = (s.to(dtype) for s in initial_state)
+    (v, lambda_v, k, q, a, p), (lam0, eta0) = tr.working_inputs(v, lambda_v, k, q, a, p, initial_state, cu_seqlens)
+    L = v.shape[1]
 
     t = tr.token_leaves(v * lambda_v, lambda_v, k, a, p)
     if cu_seqlens is None:

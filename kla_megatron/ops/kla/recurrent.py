@@ -23,6 +23,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from . import transform as tr
+
 State = Tuple[torch.Tensor, torch.Tensor]
 BLOCK_ELEMS = 1 << 18  # lanes x tokens per block buffer (1 MiB in fp32: stays in cache)
 
@@ -237,16 +239,9 @@ def recurrent_kla_scan(
     """Same contract as :func:`kla_megatron.ops.kla.kla_scan`; computes in fp32 (float64
     when ``a`` is float64), returns y, y_var in the dtype of ``v``."""
     io_dtype = v.dtype
-    dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
-    v, lambda_v, k, q, a, p = (x.to(dtype) for x in (v, lambda_v, k, q, a, p))
+    (v, lambda_v, k, q, a, p), (lam0, eta0) = tr.working_inputs(v, lambda_v, k, q, a, p, initial_state, cu_seqlens)
     B, L, H, P = v.shape
     S = k.shape[-1]
-    n_seq = B if cu_seqlens is None else cu_seqlens.numel() - 1
-    if initial_state is None:
-        lam0 = v.new_ones(n_seq, H, P, S)
-        eta0 = v.new_zeros(n_seq, H, P, S)
-    else:
-        lam0, eta0 = (s.to(dtype) for s in initial_state)
     if block is None:
         block = default_block((1 if cu_seqlens is not None else B) * H * P * S)
     bounds = None if cu_seqlens is None else [int(b) for b in cu_seqlens.tolist()]
