@@ -434,8 +434,6 @@ def resolve_config_path(name_or_path: str) -> Path:
 
 
 def _did_you_mean(path: Path) -> str:
-    import difflib
-
     siblings = [c.name for c in path.parent.glob("*.y*ml")] if path.parent.is_dir() else []
     close = difflib.get_close_matches(path.name, siblings, n=1)
     return f"; did you mean {str(path.parent / close[0])!r}?" if close else ""
