@@ -1,16 +1,19 @@
 """Analytic parameter and FLOP counts for ``KLAModelConfig`` (for configs and MFU).
 
-``num_parameters`` is checked against instantiated models in ``tests/test_model_configs.py``.
+``num_parameters`` is checked against instantiated models in ``tests/test_model_features.py``.
 FLOPs count a multiply-add as 2; training = 3 × forward (backward ≈ 2 × forward), the
 usual MFU convention. Attention score/value products count the full (non-causal) sequence,
 as Megatron's and PaLM's MFU formulas do. A KLA layer's scan costs ``SCAN_FLOPS_PER_ELEMENT``
-per (token, channel, state) lane in the forward (kla_math.md §7: ~10–12 ops + read-outs).
+per (token, channel, state) lane in the forward: the information-form update (9: φ, r, d, λ⁻, α,
+λ, η) and read-out (6: μ, σ, y, yvar), with ā² time-invariant and so not counted per token; the
+derivation and its op-by-op check are in ``tests/test_model_config.py``, as is the check of the
+matmul terms against ``torch.utils.flop_counter.FlopCounterMode`` on a real model.
 """
 from __future__ import annotations
 
 import math
 
-SCAN_FLOPS_PER_ELEMENT = 16
+SCAN_FLOPS_PER_ELEMENT = 15
 
 
 def _sensor_width(cfg) -> int:
