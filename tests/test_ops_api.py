@@ -53,16 +53,55 @@ def test_decode_steps_equal_one_scan():
         torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
 
 
-def test_discretize_matches_ou_formulas():
-    A_log = torch.tensor([-2.0, 0.0, 1.5], dtype=torch.float64)
-    delta_raw = torch.tensor([-6.0, -1.0, 2.0], dtype=torch.float64)
-    p = torch.tensor([0.01, 0.0, 3.0], dtype=torch.float64)
+def _ou_by_van_loan(rate, delta, p):
+    """Exact moments of the OU step dx = −rate·x dt + dw, E[dw²] = p dt, over Δ, from one matrix
+    exponential (Van Loan): expm(Δ·[[rate, p], [0, −rate]]) = [[·, G₁₂], [0, G₂₂]] gives the
+    mean factor ā = G₂₂ and the added variance p̄ = G₂₂·G₁₂."""
+    m = torch.zeros(*rate.shape, 2, 2, dtype=torch.float64)
+    m[..., 0, 0], m[..., 0, 1], m[..., 1, 1] = rate * delta, p * delta, -rate * delta
+    g = torch.linalg.matrix_exp(m)
+    return g[..., 1, 1], g[..., 1, 1] * g[..., 0, 1]
+
+
+def _ou_by_moment_ode(rate, delta, p, steps=4000):
+    """The same moments by RK4 on the moment ODEs ṁ = −rate·m (m(0) = 1), Ṗ = −2·rate·P + p (P(0) = 0)."""
+    m, var, h = torch.ones_like(rate), torch.zeros_like(rate), delta / steps
+
+    def f(m, var):
+        return -rate * m, -2 * rate * var + p
+
+    for _ in range(steps):
+        k1 = f(m, var)
+        k2 = f(m + h / 2 * k1[0], var + h / 2 * k1[1])
+        k3 = f(m + h / 2 * k2[0], var + h / 2 * k2[1])
+        k4 = f(m + h * k3[0], var + h * k3[1])
+        m = m + h / 6 * (k1[0] + 2 * k2[0] + 2 * k3[0] + k4[0])
+        var = var + h / 6 * (k1[1] + 2 * k2[1] + 2 * k3[1] + k4[1])
+    return m, var
+
+
+def test_discretize_matches_ou_moments():
+    """ā and p̄ are the exact one-step mean factor and added variance of the OU process with
+    rate exp(A_log) and noise p over Δ (the layer's convention: Δ = softplus(Δ_raw) + 1e-7),
+    checked against a matrix exponential and a fine RK4 integration of the moment ODEs."""
+    A_log = torch.tensor([-2.0, 0.0, 1.5, 3.0, -4.0, 0.5], dtype=torch.float64)
+    delta = torch.tensor([1e-4, 0.3, 2.0, 1e-2, 5.0, 1e-6], dtype=torch.float64)
+    p = torch.tensor([0.01, 0.0, 3.0, 0.5, 2.0, 1.0], dtype=torch.float64)
+    delta_raw = torch.log(torch.expm1(delta))  # softplus⁻¹, so softplus(Δ_raw) = Δ
     a_bar, p_bar = discretize(A_log, delta_raw, p)
-    a_cont = -torch.exp(A_log)
-    delta = torch.log1p(torch.exp(delta_raw)) + 1e-7
-    torch.testing.assert_close(a_bar, torch.exp(delta * a_cont))
-    torch.testing.assert_close(p_bar, p / (2 * a_cont.abs()) * (1 - torch.exp(-2 * a_cont.abs() * delta)))
+    rate, step = torch.exp(A_log), delta + 1e-7
+    for ref_a, ref_p in (_ou_by_van_loan(rate, step, p), _ou_by_moment_ode(rate, step, p)):
+        torch.testing.assert_close(a_bar, ref_a, rtol=1e-10, atol=0)
+        torch.testing.assert_close(p_bar, ref_p, rtol=1e-9, atol=0)
     assert ((a_bar > 0) & (a_bar <= 1)).all() and (p_bar >= 0).all()
+
+
+def test_discretize_smallest_step_is_1e7():
+    """A very negative Δ_raw still moves: Δ → 1e-7, so ā = exp(−rate·1e-7) < 1 and p̄ ≈ p·1e-7."""
+    A_log, p = torch.tensor([0.0], dtype=torch.float64), torch.tensor([2.0], dtype=torch.float64)
+    a_bar, p_bar = discretize(A_log, torch.tensor([-80.0], dtype=torch.float64), p)
+    torch.testing.assert_close(-torch.log(a_bar), torch.tensor([1e-7], dtype=torch.float64), rtol=1e-6, atol=0)
+    torch.testing.assert_close(p_bar, p * 1e-7, rtol=1e-6, atol=0)
 
 
 def _bad(**changes):
