@@ -430,3 +430,31 @@ def test_main_job_then_conversion_then_hf_generate(main_job, main_hf):
                                    pad_token_id=tok.pad_token_id)
             assert together[row, -8:].tolist() == alone[0, -8:].tolist(), prompt
     assert all(isinstance(t, str) for t in tok.batch_decode(together[:, -8:]))
+
+
+# ---------------------------------------------------------------- the public one-process API
+
+
+def _load_with_api(rank, world, ck):
+    import kla_megatron
+
+    model = kla_megatron.load_model(ck)
+    state = {k: v.detach().float().clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    by_iteration = kla_megatron.load_model(ck, iteration=2).state_dict()
+    try:
+        kla_megatron.load_model(ck, iteration=7)
+        missing = None
+    except FileNotFoundError as exc:
+        missing = str(exc)
+    return state, {k: torch.equal(state[k], by_iteration[k].float()) for k in state}, model.training, missing
+
+
+def test_load_model_reads_the_trainers_checkpoint(main_job):
+    state, same_by_iteration, training, missing = run_on_ranks(_load_with_api, world_size=1,
+                                                               args=(main_job["ck"],))[0]
+    assert set(state) == set(main_job["state"])
+    for key, value in main_job["state"].items():
+        assert torch.equal(state[key], value), key
+    assert all(same_by_iteration.values())
+    assert training is False
+    assert missing is not None and "iteration 7" in missing and "[2]" in missing

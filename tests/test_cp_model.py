@@ -23,17 +23,9 @@ SCHED_LAYOUTS = {"sched_single": (1, 1), "pp2_cp2": (2, 2)}
 
 
 def _setup(tp, cp, pp=1):
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from kla_megatron.api import init_parallel
 
-    from kla_megatron.compat import enable_cpu_megatron
-
-    enable_cpu_megatron()
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp,
-                                             pipeline_model_parallel_size=pp)
-    model_parallel_cuda_manual_seed(1)
+    init_parallel(tp, pp, cp=cp, seed=1)
 
 
 def _batch(seed=3):

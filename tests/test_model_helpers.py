@@ -47,18 +47,9 @@ def tiny_config(pattern="K-K-", preset="plain", **overrides):
 
 def setup_parallel(tp=1, pp=1, seed=1, vp=None):
     """(Re-)initialise megatron's parallel state; the remaining ranks are data-parallel."""
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from kla_megatron.api import init_parallel
 
-    from kla_megatron.compat import enable_cpu_megatron
-
-    enable_cpu_megatron()
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                             virtual_pipeline_model_parallel_size=vp)
-    model_parallel_cuda_manual_seed(seed)
-    torch.manual_seed(seed)
+    init_parallel(tp, pp, vp=vp, seed=seed)
 
 
 def build(cfg, tp=1, pp=1, sp=False, dtype=torch.float64, **overrides):

@@ -86,28 +86,15 @@ def adapt_vocab(cfg: KLAModelConfig, shapes: Dict[str, tuple]) -> KLAModelConfig
     return cfg
 
 
-def _setup(tp: int, pp: int):
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    from kla_megatron.compat import enable_cpu_megatron
-
-    enable_cpu_megatron()
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    model_parallel_cuda_manual_seed(1234)
-
-
 def build_model(cfg: KLAModelConfig, tp: int = 1, pp: int = 1, dtype=torch.float32):
     """This rank's part of the model (parallel state set up for ``tp`` × ``pp``)."""
     from megatron.core import parallel_state
 
+    from kla_megatron.api import init_parallel, resolve_config
     from kla_megatron.models import build_kla_model
 
-    _setup(tp, pp)
-    # no GPU: "auto" picks the fastest exact CPU scan instead of a Triton backend named in the config
-    cfg = dataclasses.replace(cfg, scan_backend="auto" if not torch.cuda.is_available() else cfg.scan_backend)
+    init_parallel(tp, pp)
+    cfg = resolve_config(cfg)
     tc = cfg.to_transformer_config(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, params_dtype=dtype)
     return build_kla_model(cfg, tc, pre_process=parallel_state.is_pipeline_first_stage(),
                            post_process=parallel_state.is_pipeline_last_stage())
