@@ -1,5 +1,5 @@
 """Context-parallel KLA layer benchmark: forward+backward time and bytes exchanged per layer
-for CP = 1, 2, 4 (kla_math.md §6; issue 5 targets).
+for CP = 1, 2, 4 (docs/kla.md#context-parallelism).
 
 - weak scaling: fixed tokens per GPU (default 8k, 16k, 32k), global length = tokens × CP;
 - strong scaling: fixed global length (default 64k), tokens per GPU = 64k / CP.

@@ -1,4 +1,4 @@
-"""Issue 15's measurement: training throughput and memory of the 1.3B models on one GPU, through
+"""Training throughput and memory of the 1.3B models on one GPU, through
 the real trainer, against same-size transformers; and where one KLA block's time goes.
 
 Rows (``--models``, any subset, in this order):
@@ -7,7 +7,7 @@ Rows (``--models``, any subset, in this order):
 kla            ``configs/models/kla_1_3b.yaml`` (20 x (KLA, SwiGLU MLP))
 hybrid         ``configs/models/hybrid_1_3b.yaml`` (KLA with one attention layer in eight)
 gpt            ``configs/models/gpt_1_3b.yaml``: the transformer built by this framework (24 x (attn, MLP))
-kla-s32        kla_1_3b with ``d_state: 32`` (issue 15, item 5); not in the default list
+kla-s32        kla_1_3b with ``d_state: 32``; not in the default list
 kla-selective  kla_1_3b trained with ``train.recompute=selective``; not in the default list
 gpt-pytorch    ``bench/gpt_pytorch.py``: the same transformer in plain PyTorch (SDPA flash, fused
                AdamW), one row per ``--pytorch-modes`` entry (compile, eager)

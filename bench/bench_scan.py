@@ -2,7 +2,7 @@
 
 Times forward and forward+backward with CUDA events (median of repeats after warm-up,
 ``triton.testing.do_bench``), bf16 inputs, fp32 state; reports the achieved fraction of
-the FP32 roofline of kla_math.md §7 (0.65 ms forward, 2 ms backward at 2.1e9 lane-steps)
+the FP32 roofline of docs/kla.md#costs (0.65 ms forward, 2 ms backward at 2.1e9 lane-steps)
 and the peak memory beyond the inputs. Prints a table and writes JSON.
 
     python bench/bench_scan.py --out bench_scan.json

@@ -1,4 +1,4 @@
-"""Issue 10 in a few commands: the multi-GPU tests, the context-parallel benchmark and the
+"""The multi-GPU session in a few commands: the multi-GPU tests, the context-parallel benchmark and the
 4-GPU pretraining runs, each phase a subprocess with its own timeout, every command's output
 teed into a log folder, and a summary table (also written as JSON) at the end.
 

@@ -1,6 +1,6 @@
 """Random KLA scan inputs in named regimes, and output+gradient collection for comparisons.
 
-Regimes follow kla_math.md §8: decay ``a`` near 0 and near 1, process noise ``p``
+Regimes follow docs/kla.md#numerics: decay ``a`` near 0 and near 1, process noise ``p``
 from 0 to 1e-2, value precision Λv from 1e-2 to 1e4.
 """
 from __future__ import annotations

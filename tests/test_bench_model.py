@@ -1,4 +1,4 @@
-"""bench/bench_model.py (issue 15's measurement) and the GPT-1.3B baseline config it trains:
+"""bench/bench_model.py (the 1.3B throughput measurement) and the GPT-1.3B baseline config it trains:
 
 - the GPT config has attention and MLP layers only and ~1.34B parameters (formula, and a built
   full-width layer pair extrapolated to 24 pairs);

@@ -1,4 +1,4 @@
-"""Checkpoint fault drills on CPU/gloo (issue 16 items 2, 3, 4, 7, 13): checkpoints that look
+"""Checkpoint fault drills on CPU/gloo: checkpoints that look
 complete but do not load, pickle payloads, two runs on one directory, a full disk, rerunning a
 finished run. Each drill runs the tiny model for a few steps."""
 import contextlib

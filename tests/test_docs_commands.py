@@ -1,4 +1,4 @@
-"""Every command the docs show runs (issue 16, item 8).
+"""Every command the docs show runs.
 
 Commands are taken from the fenced code blocks of the README files (``\\``-continued lines
 joined, ``#`` comments dropped). ``kla-launch`` and ``kla-pretrain`` commands run for real with

@@ -1,4 +1,4 @@
-"""bench/multigpu_suite.py (issue 10's driver): the GPU plan is well formed and accepted by the
+"""bench/multigpu_suite.py (the multi-GPU session's driver): the GPU plan is well formed and accepted by the
 trainer's own config validator, and a short CPU rehearsal (gloo ranks) trains, checkpoints at
 TP=2, resumes at DP=2 and parses its own logs."""
 import importlib.util

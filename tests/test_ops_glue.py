@@ -1,6 +1,6 @@
 """The fused glue around the scan (ops/kla/sensors.py, ops/kla/gate.py) against float64.
 
-The references here are written from the layer's equations (kla_math.md §2) with plain
+The references here are written from the layer's equations (docs/kla.md#layer) with plain
 PyTorch autograd in float64, not from the module's own helpers. CPU: Triton through the
 interpreter at small sizes; GPU (`gpu` mark): the model's sizes in bf16.
 """

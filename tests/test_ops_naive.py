@@ -8,7 +8,7 @@ from .kla_inputs import make_inputs
 
 
 def scalar_loop(v, lambda_v, k, q, a, p, lam0, eta0):
-    """Covariance-form filter written lane by lane in Python floats (kla_math.md §4)."""
+    """Covariance-form filter written lane by lane in Python floats (docs/kla.md#sequential-forms)."""
     B, L, H, P = v.shape
     S = k.shape[-1]
     y = torch.zeros(B, L, H, P, dtype=torch.float64)

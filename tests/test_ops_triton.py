@@ -174,7 +174,7 @@ def test_gpu_long_sequence_outputs_and_grads(regime):
     float64 for outputs, final state and every gradient. Exception, measured on an H200
     (2026-11-28): with no forgetting (a = 1 − 1e-6, p = 1e-12) the adjoints carry sums over
     all 16k tokens and the gradients of v, λv, k, a, p land at 2e-5–5e-5 (sequential fp32
-    accumulation, kla_math.md §8); they are held to 1e-4 there."""
+    accumulation, docs/kla.md#numerics); they are held to 1e-4 there."""
     grad_tol = 1e-4 if regime == "a_near_one" else FP32_TOL
     _check((1, 16384, 2, 16, 16), regime, 41, device="cuda", grad_tol=grad_tol)
 

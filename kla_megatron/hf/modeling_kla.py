@@ -5,7 +5,7 @@ This file is self-contained on purpose: it is copied into every exported directo
 trust_remote_code=True)`` works on a machine without our package. It imports only torch and
 transformers. When ``kla_megatron`` is importable, the KLA filter runs through its
 ``kla_scan`` / ``kla_decode_step`` kernels (Triton on GPU); otherwise through the sequential
-PyTorch filter below (same math, kla_math.md §1, information form).
+PyTorch filter below (same math, docs/kla.md#filter, information form).
 
 The network (same as ``kla_megatron.models.KLAModel`` at TP = PP = 1): embedding → one layer
 per ``layer_pattern`` symbol (``K`` KLA mixer, ``*`` causal self-attention with RoPE/GQA, ``-``
@@ -122,7 +122,7 @@ class KLAConfig(PretrainedConfig):
 
 
 def discretize(A_log, delta_raw, p):
-    """(A_log, Δ_raw, p) → (ā, p̄), Ornstein–Uhlenbeck (kla_math.md §1)."""
+    """(A_log, Δ_raw, p) → (ā, p̄), Ornstein–Uhlenbeck (docs/kla.md#discretisation)."""
     rate = torch.exp(A_log)
     delta = F.softplus(delta_raw) + DELTA_EPS
     return torch.exp(-delta * rate), p / (2 * rate) * (-torch.expm1(-2 * rate * delta))
@@ -260,7 +260,7 @@ class KLANorm(nn.Module):
 
 
 class KLAMixer(nn.Module):
-    """The multi-head KLA mixer (kla_math.md §2); H = 1 is the paper's layer."""
+    """The multi-head KLA mixer (docs/kla.md#layer); H = 1 is the paper's layer."""
 
     def __init__(self, config: KLAConfig):
         super().__init__()

@@ -1,4 +1,4 @@
-"""The multi-head KLA mixer (kla_math.md §2) as a megatron-core module.
+"""The multi-head KLA mixer (docs/kla.md#layer) as a megatron-core module.
 
     x [s, b, D] → in_proj (ColumnParallel) → z, gate        each [s, b, d_inner/TP]
     z → causal depthwise conv → SiLU                         (one kernel: ops/conv)

@@ -1,5 +1,5 @@
 """Context parallelism for the KLA scan: each rank keeps its sequence shard and exchanges only
-per-chunk carries, one all-gather per direction (kla_math.md §6).
+per-chunk carries, one all-gather per direction (docs/kla.md#context-parallelism).
 
 Forward:  chunk transforms (7 numbers per lane, fp32) -> all-gather -> exclusive prefix
           compose in global chunk order -> this chunk's exact start state -> local ``kla_scan``.
@@ -10,7 +10,7 @@ Sizes exchanged per layer: fp32 ``[7, R, H, P, S]`` forward and ``[5, R, H, P, S
 per chunk (R = batch rows, 1 when packed), times CP ranks (times 2 for the load-balanced order).
 
 This module owns no parameters and is never checkpointed: the mixer's math is the same at
-CP = 1 and CP = 8 (style.md item 8). Gradients of ``a`` and ``p`` (and of the initial state)
+CP = 1 and CP = 8. Gradients of ``a`` and ``p`` (and of the initial state)
 are each rank's local contribution: they join the normal data+context-parallel gradient
 all-reduce, exactly like every other weight's gradient.
 """

@@ -1,10 +1,10 @@
-"""Chunk summaries that let a sequence be split across ranks (kla_math.md §6).
+"""Chunk summaries that let a sequence be split across ranks (docs/kla.md#context-parallelism).
 
 Context parallelism cuts a sequence into chunks on different ranks. Two per-lane summaries
 of a chunk are enough to make the split exact:
 
 - forward, :func:`chunk_transforms`: the chunk's normalised 7-number projective transform
-  from identity (§3). Composing the transforms of the earlier chunks and applying them to
+  from identity (docs/kla.md#transforms). Composing the transforms of the earlier chunks and applying them to
   the initial state gives a chunk's exact starting state ``(lam, eta)``.
 - backward, :func:`end_adjoint_maps`: the reverse recurrence is affine in the adjoint pair
   ``c = (dL/dmu, dL/dsigma)`` of the state (covariance coordinates, where both reverse gains
@@ -176,7 +176,7 @@ def _block_maps(v_lambda_v, lambda_v, k, q, a, p, grad_y, grad_y_var, lam0, eta0
     big_p = a * a / lam_prev + p  # predicted variance P_t = a²·sigma_{t-1} + p
     iota = 1.0 / (1.0 + phi * big_p)
     mu = eta / lam
-    # Gain from the adjoint of state t to the adjoint of state t-1 (kla_math.md §5).
+    # Gain from the adjoint of state t to the adjoint of state t-1 (docs/kla.md#backward).
     m = torch.stack([a * iota, a * a * iota * (r - phi * mu), a * a * iota * iota])
     qq = q[:, :, :, None, :]
     local = torch.stack([grad_y[..., None] * qq, grad_y_var[..., None] * qq * qq])

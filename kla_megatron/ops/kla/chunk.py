@@ -1,6 +1,6 @@
 """Triton training kernels for the KLA scan: fused forward and exact backward.
 
-Lane layout (kla_math.md §7): a program owns BP channels of one (sequence, head) and
+Lane layout (docs/kla.md#triton-training-kernels): a program owns BP channels of one (sequence, head) and
 all S states of each; a thread holds **one channel's S states** in registers, so the
 read-outs y = Σ_s q·μ and y_var = Σ_s q²·σ and the dv/dΛv sums are in-thread adds,
 never shuffles. Tensors are ``[BS, BP]`` (state-major) so Triton's default layout puts
@@ -8,7 +8,7 @@ the channels across threads and wraps the states into registers; the per-token i
 are loaded two tokens ahead so their memory latency hides behind the arithmetic.
 
 1. ``_kla_fwd_kernel`` walks time with the covariance-form state (σ, μ) in fp32
-   (kla_math.md §4), writes y, y_var and, every CHUNK tokens, a checkpoint of the state
+   (docs/kla.md#sequential-forms), writes y, y_var and, every CHUNK tokens, a checkpoint of the state
    in the internal layout ``[slot, H, S, P]`` (channels contiguous: coalesced stores).
    [B, L, H, P, S] never touches memory.
 2. ``_kla_bwd_kernel`` walks the chunks backwards; for each it replays the forward from
@@ -133,7 +133,7 @@ def _rcp(x, FAST_RCP: tl.constexpr):
 
 @triton.jit
 def _step(b_sigma, b_mu, b_phi, b_r, b_a, b_a2, b_noise, FAST_RCP: tl.constexpr):
-    """One covariance-form step (kla_math.md §4): returns posterior (σ, μ) and the gain ι."""
+    """One covariance-form step (docs/kla.md#sequential-forms): returns posterior (σ, μ) and the gain ι."""
     b_prior = b_a2 * b_sigma + b_noise
     b_iota = _rcp(1.0 + b_phi * b_prior, FAST_RCP)
     return b_prior * b_iota, (b_a * b_mu + b_r * b_prior) * b_iota, b_iota

@@ -1,7 +1,7 @@
 """Triton versions of the chunk summaries in :mod:`.carry` (same signatures, same layouts).
 
 - :func:`triton_chunk_transforms`: one sequential pass per lane composing the undivided
-  leaf maps of §3 (T ← M_t·T), rescaled by 1/(A+D) every 8 tokens; reads v·Λv, Λv and k
+  leaf maps of docs/kla.md#transforms (T ← M_t·T), rescaled by 1/(A+D) every 8 tokens; reads v·Λv, Λv and k
   only. ``[7, N, H, P, S]``.
 - :func:`triton_end_adjoint_maps` / :func:`triton_forward_adjoint_maps`: the adjoint maps
   composed in forward order in one sweep (no replay, no parked states): the gain products Q

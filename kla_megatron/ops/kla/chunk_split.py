@@ -1,17 +1,17 @@
-"""Time-split KLA scan: for few lanes and long sequences (kla_math.md §7), and for accuracy.
+"""Time-split KLA scan: for few lanes and long sequences (docs/kla.md#time-split), and for accuracy.
 
 When batch × heads × channel blocks cannot fill the GPU, each row is cut into segments
 of ``segment_len`` tokens that run as independent "sequences" of the same kernels:
 
-forward:  segment transforms (one pass, §3) → sequential compose of the few segment
+forward:  segment transforms (one pass, docs/kla.md#transforms) → sequential compose of the few segment
           transforms per row in PyTorch → each segment's exact start state → the normal
           forward kernel over all segments at once.
-backward: adjoint maps (Q, o) of every segment (§6), composed in forward order in one sweep
+backward: adjoint maps (Q, o) of every segment (docs/kla.md#backward), composed in forward order in one sweep
           (no replay) → suffix composition per row → each segment's exact end adjoint → the
           normal backward kernel over all segments.
 
 The carries are composed from normalised transforms, so the fp32 drift of a long
-sequential scan (a ≈ 1, p ≈ 0; §8) is bounded by the segment length instead of L.
+sequential scan (a ≈ 1, p ≈ 0; docs/kla.md#numerics) is bounded by the segment length instead of L.
 
 :func:`split_fwd` and :func:`split_bwd` are the bodies of the ``kla::split_fwd`` /
 ``kla::split_bwd`` custom ops of :mod:`.triton_scan`. They read nothing back to the host, so

@@ -23,7 +23,7 @@ State = Tuple[torch.Tensor, torch.Tensor]
 
 
 def _first_step(v, lambda_v, k, a, p, lam0, eta0):
-    """State after a sequence's first token, in covariance form (kla_math.md §4).
+    """State after a sequence's first token, in covariance form (docs/kla.md#sequential-forms).
 
     The gradient to the initial state flows through this step alone, and the
     covariance form differentiates without cancellation (dP/dσ0 = a²), where the

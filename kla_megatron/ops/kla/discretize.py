@@ -1,4 +1,4 @@
-"""Ornstein–Uhlenbeck discretisation of the KLA dynamics (kla_math.md §1).
+"""Ornstein–Uhlenbeck discretisation of the KLA dynamics (docs/kla.md#discretisation).
 
 Follows the reference package: process noise enters as ``p`` (the paper writes p²).
 """

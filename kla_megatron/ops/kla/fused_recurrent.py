@@ -16,7 +16,7 @@ except ImportError:  # CPU-only installs without Triton still get the PyTorch st
 
 
 def torch_kla_step(v, lambda_v, k, q, a, p, lam, eta):
-    """Information-form step (kla_math.md §1). v, lambda_v [B, H, P]; k, q [B, H, S];
+    """Information-form step (docs/kla.md#filter). v, lambda_v [B, H, P]; k, q [B, H, S];
     a, p [H, P, S]; lam, eta [B, H, P, S]. Returns y, y_var [B, H, P] and the new state."""
     dtype = lam.dtype
     v, lambda_v, k, q, a, p = (x.to(dtype) for x in (v, lambda_v, k, q, a, p))

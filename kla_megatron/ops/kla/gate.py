@@ -1,4 +1,4 @@
-"""The output gate of a KLA layer (kla_math.md §2), fused into one kernel each way:
+"""The output gate of a KLA layer (docs/kla.md#layer), fused into one kernel each way:
 
     out = (y + λ_skip·z) · SiLU(gate)
 

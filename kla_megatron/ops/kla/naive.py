@@ -1,6 +1,6 @@
 """The KLA filter as a plain sequential loop: the definition of truth.
 
-Information form exactly as kla_math.md §1, in whatever float dtype the inputs
+Information form exactly as docs/kla.md#filter, in whatever float dtype the inputs
 have (float64 in tests). Slow by design; every other backend is checked against
 this file.
 """

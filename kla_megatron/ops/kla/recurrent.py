@@ -7,7 +7,7 @@ in the backward, the per-token adjoint sources and the parameter gradients) is c
 vectorised over a block of ``block`` tokens outside the loop.
 
 The backward is a custom :class:`torch.autograd.Function`: one reverse sweep with the step's
-Jacobian written out (kla_math.md §1), no autograd graph over the time loop. Only the state
+Jacobian written out (docs/kla.md#backward), no autograd graph over the time loop. Only the state
 at every block start is kept from the forward; each block's states are recomputed in the
 backward (memory O(B·L·H·P + (L/block)·B·H·P·S)). The Jacobian is taken in the forms that do
 not cancel: ∂λ'/∂λ = a²/d², ∂η'/∂λ = −a·p·η/d², ∂η'/∂η = a/d with d = a² + p·λ.

@@ -1,6 +1,6 @@
 """The public KLA scan API: input checks and backend dispatch.
 
-Glossary (names from the paper, kla_math.md §1; one lane = (batch, head, channel, state)):
+Glossary (names from the paper, docs/kla.md#filter; one lane = (batch, head, channel, state)):
 
 - ``v``         observed value per channel, ``[B, L, H, P]``
 - ``lambda_v``  its precision Λv > 0 (inverse observation variance), ``[B, L, H, P]``

@@ -1,4 +1,4 @@
-"""The sensor activations of a KLA layer (kla_math.md §2), fused: one pass in, one pass out.
+"""The sensor activations of a KLA layer (docs/kla.md#layer), fused: one pass in, one pass out.
 
 The mixer's block-diagonal sensor projection emits, per token and head, ``[v | log σ²_v | k | q]``
 (widths P, P, S, S: the "plain" preset). The scan needs

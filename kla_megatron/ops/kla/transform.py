@@ -1,4 +1,4 @@
-"""Projective 7-number transforms of the KLA step (kla_math.md §3).
+"""Projective 7-number transforms of the KLA step (docs/kla.md#transforms).
 
 One token is the 3×3 map ``M_t = U_t·P_t`` acting on the projective state
 ``(X, Y, W)`` with ``lam = X/W`` and ``eta = Y/W``. Products keep the pattern
