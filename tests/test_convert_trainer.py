@@ -1,4 +1,4 @@
-"""kla-convert and checkpoint.init_from on what the trainer writes (issue 16, items 1 and 10).
+"""kla-convert and checkpoint.init_from on what the trainer writes.
 
 Everything starts from real trainer runs: the README's main job (configs/tiny_cpu.yaml on the
 sample corpus, 2 steps) and a TP=2 x PP=2 run of a hybrid model (4 gloo ranks). Their
