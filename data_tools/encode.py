@@ -1,10 +1,12 @@
 """Worker side of ``preprocess``: decode and tokenize one chunk of raw documents.
 
 Runs in spawned worker processes (or in-process with one worker), so it imports only
-numpy, sentencepiece and tiktoken. Encoding goes through ``tiktoken_encode.load_encoder``:
-the same ids as sentencepiece, from tiktoken's Rust BPE (or the segment cache of
-``cached_encode.py`` for models it cannot reproduce). A chunk's result depends only on the chunk, which is what makes
-multi-worker output byte-identical to single-worker output.
+numpy and the tokenizer libraries (no torch). Encoding goes through
+``tiktoken_encode.load_encoder``: for a sentencepiece model the same ids as sentencepiece, from
+tiktoken's Rust BPE (or the segment cache of ``cached_encode.py`` for models it cannot
+reproduce); for a ``tokenizer.json`` or a tiktoken rank file, that library's ids through
+``kla_megatron.tokenizers`` (``library_encode.py``). A chunk's result depends only on the
+chunk, which is what makes multi-worker output byte-identical to single-worker output.
 """
 from __future__ import annotations
 
@@ -54,7 +56,8 @@ _STATE: dict = {}
 def init_worker(model_path: str, json_key: str, split: bool) -> None:
     """Load the tokenizer once per worker process."""
     encoder, engine = load_encoder(model_path)
-    eod = encoder.sp.eos_id()
+    # the library tokenizer knows its EOD; sentencepiece's is the EOS piece
+    eod = encoder.tok.eod if hasattr(encoder, "tok") else encoder.sp.eos_id()
     if eod < 0:
         raise ValueError(f"tokenizer {model_path} has no EOS piece to use as EOD; retrain it with an --eos-id")
     _STATE.update(encoder=encoder, eod=eod, json_key=json_key, split=split, engine=engine)

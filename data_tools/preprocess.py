@@ -54,7 +54,7 @@ class PreprocessConfig:
     inputs: List[str]
     """Input files or globs, processed in the order given (globs sorted)."""
     tokenizer_model: str
-    """Path of the sentencepiece ``.model``; its EOS piece is the EOD token."""
+    """Tokenizer file or folder (any ``kla_megatron.tokenizers`` kind); its EOD id ends each document."""
     output_prefix: str
     """Output name stem; files are ``<output_prefix>_<json_key>_<level>.bin/.idx``."""
     input_format: str = "auto"
@@ -91,7 +91,7 @@ class PreprocessConfig:
             raise ValueError(f"--workers must be >= 1, got {self.workers}")
         if self.chunk_bytes < 1:
             raise ValueError(f"--chunk-bytes must be >= 1, got {self.chunk_bytes}")
-        if not os.path.isfile(self.tokenizer_model):
+        if not os.path.exists(self.tokenizer_model):
             raise ValueError(f"--tokenizer {self.tokenizer_model!r} does not exist")
 
     @property
@@ -226,16 +226,17 @@ class _ProblemReporter:
 
 def preprocess(cfg: PreprocessConfig) -> Summary:
     """Run one preprocess job; returns its summary. Raises BadInputError under ``fail``."""
-    import sentencepiece as spm
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
     paths = expand_inputs(cfg.inputs)
     prefix = cfg.dataset_prefix
     check_output_free(prefix, cfg.overwrite)
-    sp = spm.SentencePieceProcessor(model_file=cfg.tokenizer_model)
-    vocab_size = sp.get_piece_size()
+    from kla_megatron.tokenizers import load as load_tokenizer
+
+    tok = load_tokenizer(cfg.tokenizer_model)  # one-line ValueError for an unknown or broken file
+    vocab_size = tok.vocab_size
     dtype = DType.optimal_dtype(vocab_size)
-    summary = Summary(prefix, files=len(paths), dtype=np.dtype(dtype).name, vocab_size=vocab_size, eod=sp.eos_id())
+    summary = Summary(prefix, files=len(paths), dtype=np.dtype(dtype).name, vocab_size=vocab_size, eod=tok.eod)
 
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
     tmp_bin, tmp_idx = partial_paths(prefix)
@@ -291,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--input", dest="inputs", nargs="+", required=True, help="input files or globs (quote globs)")
     p.add_argument("--tokenizer", "--tokenizer-model", dest="tokenizer_model", required=True,
-                   help="sentencepiece .model (from kla-train-tokenizer); its EOS piece is the EOD token")
+                   help="sentencepiece .model (from kla-train-tokenizer), Hugging Face tokenizer.json or its folder, "
+                        "or tiktoken rank file; its EOD token ends each document (data_tools/README.md, Tokenizers)")
     p.add_argument("--output-prefix", required=True,
                    help="output stem; writes <prefix>_<json-key>_document.bin/.idx (_sentence with --split-sentences)")
     p.add_argument("--input-format", choices=FORMATS, default="auto",

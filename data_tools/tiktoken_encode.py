@@ -170,11 +170,19 @@ class TiktokenEncoder(FlatEncoder):
 
 
 def load_encoder(model_path: str):
-    """The fastest exact encoder for the model, and a line naming it: tiktoken's BPE when the
-    rank table reproduces the model, else the segment cache (itself falling back to plain
-    sentencepiece), with the reason."""
-    from .cached_encode import CachedEncoder
+    """The fastest exact encoder for the tokenizer, and a line naming it. A sentencepiece model:
+    tiktoken's BPE when the rank table reproduces the model, else the segment cache (itself
+    falling back to plain sentencepiece), with the reason. Other kinds (``tokenizer.json``,
+    tiktoken rank files): their own library (``library_encode.py``)."""
+    from kla_megatron.tokenizers import detect_kind, load
 
+    from .cached_encode import CachedEncoder
+    from .library_encode import LibraryEncoder
+
+    kind, model_path = detect_kind(model_path)
+    if kind != "sentencepiece":
+        encoder = LibraryEncoder(load(model_path))
+        return encoder, encoder.engine
     try:
         return TiktokenEncoder(model_path), TiktokenEncoder.engine
     except (ImportError, ValueError) as e:

@@ -1,9 +1,9 @@
 """``kla-convert``: checkpoint conversions (examples in kla_megatron/checkpoint/README.md).
 
-    kla-convert megatron-to-hf  SRC OUT [--model-config NAME|YAML] [--tokenizer X.model] [--dtype D]
+    kla-convert megatron-to-hf  SRC OUT [--model-config NAME|YAML] [--tokenizer TOK] [--dtype D]
     kla-convert hf-to-megatron  SRC OUT [--tp N] [--pp N]
     kla-convert reshard         SRC OUT --tp N --pp N [--model-config NAME|YAML]
-    kla-convert reference-to-hf SRC OUT [--tokenizer X.model]      (reference kla SequenceModel, H = 1)
+    kla-convert reference-to-hf SRC OUT [--tokenizer TOK]          (reference kla SequenceModel, H = 1)
     kla-convert reference-to-megatron SRC OUT [--tp N] [--pp N]
     kla-convert verify-hf       MEGATRON_SRC HF_DIR [--model-config ...]
 
@@ -194,7 +194,8 @@ def parser() -> argparse.ArgumentParser:
                                           "(default: model_config.yaml next to the checkpoint)")
     p.add_argument("--tp", type=int, default=1, help="tensor parallel size of the written megatron checkpoint")
     p.add_argument("--pp", type=int, default=1, help="pipeline parallel size of the written megatron checkpoint")
-    p.add_argument("--tokenizer", help="sentencepiece .model exported with an HF checkpoint")
+    p.add_argument("--tokenizer", help="the training tokenizer (sentencepiece .model, tokenizer.json or its folder, "
+                                       "tiktoken rank file), exported as a transformers tokenizer")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of exported HF tensors")
     p.add_argument("--norm-eps", type=float, default=1e-5, help="reference model's norm eps (not in its weights)")
     p.add_argument("--verify", action="store_true", help="run source and result on the same tokens afterwards")

@@ -80,12 +80,22 @@ def _normal_permissions(out_dir: Path) -> None:
 
 
 def export_tokenizer(model_file, out_dir) -> None:
-    """The sentencepiece ``.model`` as a standard transformers tokenizer (``tokenizer.json`` +
-    ``PreTrainedTokenizerFast``, no custom code; plain sentencepiece ids: no BOS/EOS added, the
-    ids our data pipeline produces), plus the ``.model`` itself as ``tokenizer.model``."""
-    from .hf_tokenizer import export
+    """The training tokenizer (any ``kla_megatron.tokenizers`` kind) as a standard transformers
+    tokenizer (``tokenizer.json`` + ``PreTrainedTokenizerFast``, no custom code; the ids our data
+    pipeline produces: no BOS/EOS added). A sentencepiece ``.model`` is converted by
+    ``hf_tokenizer.py`` (and copied as ``tokenizer.model``); a ``tokenizer.json`` or a tiktoken
+    rank file by ``kla_megatron/tokenizers/hf_export.py``."""
+    from kla_megatron import tokenizers
 
-    export(model_file, out_dir)
+    kind, file = tokenizers.detect_kind(model_file)
+    if kind == "sentencepiece":
+        from .hf_tokenizer import export
+
+        export(file, out_dir)
+    else:
+        from kla_megatron.tokenizers.hf_export import export
+
+        export(tokenizers.load(file), out_dir)
 
 
 def read_config(hf_dir) -> modeling_kla.KLAConfig:

@@ -1,84 +1,73 @@
-"""The training-side tokenizer: a thin megatron-core adapter over a sentencepiece ``.model``.
+"""The training-side tokenizer: a thin megatron-core adapter over any tokenizer kind of
+``kla_megatron/tokenizers`` (a sentencepiece ``.model``, a Hugging Face ``tokenizer.json`` or
+folder, a tiktoken rank file).
 
-The training config names the ``.model`` written by ``kla-train-tokenizer``;
-``load_tokenizer(path)`` returns an object that megatron-core's datasets accept
-(``GPTDatasetConfig(tokenizer=...)``): it implements ``MegatronTokenizerBase`` (the type
-megatron-core 0.16+ datasets declare) and the legacy attribute set they read
-(``vocab_size``, ``eod``, ``pad``, ``unique_identifiers``...).
+The training config names it as ``data.tokenizer``; ``load_tokenizer(path)`` returns an object
+that megatron-core's datasets accept (``GPTDatasetConfig(tokenizer=...)``): it implements
+``MegatronTokenizerBase`` (the type megatron-core 0.16+ datasets declare) and the legacy
+attribute set they read (``vocab_size``, ``eod``, ``pad``, ``unique_identifiers``...).
 
-EOD is the model's EOS piece (``</s>``), the same id ``data_tools.preprocess`` appends
-after every document, so datasets and training agree by construction.
+EOD is the id ``kla-preprocess`` appends after every document (per kind: the sentencepiece
+EOS piece, the tokenizer.json's EOS token, the tiktoken preset's or sidecar's EOD; see
+``kla_megatron/tokenizers/__init__.py``): both load the file through ``kla_megatron.tokenizers``,
+so datasets and training agree by construction. No BOS is added.
 """
 from __future__ import annotations
 
-import hashlib
-import os
 from collections import OrderedDict
 from typing import Dict, Iterable, List
 
 from megatron.core.tokenizers import MegatronTokenizerBase
 
+from kla_megatron import tokenizers
 
-class SentencePieceTokenizer(MegatronTokenizerBase):
-    """megatron-core tokenizer over a sentencepiece model file.
+
+class KLATokenizer(MegatronTokenizerBase):
+    """megatron-core tokenizer over a ``kla_megatron.tokenizers`` tokenizer.
 
     Args:
-        model_path: path of a sentencepiece ``.model``; it must define an EOS piece.
+        path: a tokenizer file or folder (see ``kla_megatron.tokenizers.detect_kind``).
     """
 
-    def __init__(self, model_path: str):
-        if not os.path.isfile(model_path):
-            raise ValueError(f"tokenizer model {model_path!r} does not exist; train one with kla-train-tokenizer "
-                             "or set the training config's tokenizer path")
+    def __init__(self, path: str):
+        tok = tokenizers.load(path)  # one-line ValueError for a missing or unknown file
         # MegatronTokenizerBase copies `config` items onto self: only plain fields here.
-        super().__init__(model_path, {"library": "sentencepiece", "model_type": "gpt"})
-        with open(model_path, "rb") as f:
-            proto = f.read()
-        self._load(proto)
-        if self._sp.eos_id() < 0:
-            raise ValueError(f"tokenizer model {model_path!r} has no EOS piece, which training uses as EOD; "
-                             "retrain it with kla-train-tokenizer (its --eos-id defaults to 2)")
-        # Content hash, so megatron's dataset cache notices a retrained model at the same path.
-        self._sha = hashlib.sha256(proto).hexdigest()[:16]
+        super().__init__(str(path), {"library": tok.kind, "model_type": "gpt"})
+        self._tok = tok
+        self._sha = tok.fingerprint  # so megatron's dataset cache notices a changed file at the same path
 
-    def _load(self, proto: bytes) -> None:
-        import sentencepiece as spm
+    @property
+    def kind(self) -> str:
+        return self._tok.kind
 
-        self._proto = proto
-        self._sp = spm.SentencePieceProcessor(model_proto=proto)
-
-    # Data loader workers may pickle the tokenizer; the processor itself is not picklable.
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        del state["_sp"]
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._load(self._proto)
+    @property
+    def core(self) -> tokenizers.Tokenizer:
+        """The library-level tokenizer (``encode_batch``, ``id_to_piece``, ...)."""
+        return self._tok
 
     def tokenize(self, text: str) -> List[int]:
         """Text -> token ids (no BOS/EOS added)."""
-        return self._sp.encode(text, out_type=int)
+        return self._tok.encode(text)
 
     def detokenize(self, ids: Iterable[int]) -> str:
-        """Token ids (list, numpy array or tensor) -> text; exact inverse of ``tokenize``."""
-        return self._sp.decode([int(i) for i in ids])
+        """Token ids (list, numpy array or tensor) -> text."""
+        return self._tok.decode(int(i) for i in ids)
 
     def apply_chat_template(self, *args, **kwargs):
-        raise NotImplementedError("SentencePieceTokenizer has no chat template (pretraining tokenizer)")
+        raise NotImplementedError("KLATokenizer has no chat template (pretraining tokenizer)")
 
     @property
     def vocab_size(self) -> int:
-        return self._sp.get_piece_size()
+        return self._tok.vocab_size
 
     @property
     def vocab(self) -> Dict[str, int]:
-        return {self._sp.id_to_piece(i): i for i in range(self.vocab_size)}
+        return {p: i for i, p in self.inv_vocab.items()}
 
     @property
     def inv_vocab(self) -> Dict[int, str]:
-        return {i: self._sp.id_to_piece(i) for i in range(self.vocab_size)}
+        pieces = ((i, self._tok.id_to_piece(i)) for i in range(self.vocab_size))
+        return {i: p for i, p in pieces if p is not None}
 
     @property
     def unique_identifiers(self) -> OrderedDict:
@@ -88,46 +77,51 @@ class SentencePieceTokenizer(MegatronTokenizerBase):
 
     @property
     def eod(self) -> int:
-        return self._sp.eos_id()
+        return self._tok.eod
 
     @property
     def eos(self) -> int:
-        return self._sp.eos_id()
+        return self._tok.eod
 
     @property
     def bos(self) -> int:
-        return self._optional(self._sp.bos_id(), "bos")
+        return self._optional(self._tok.bos, "bos")
 
     @property
     def pad(self) -> int:
-        return self._optional(self._sp.pad_id(), "pad")
+        return self._optional(self._tok.pad, "pad")
 
     @property
     def unk(self) -> int:
-        return self._sp.unk_id()
+        return self._optional(getattr(self._tok, "unk", None), "unk")
 
-    def _optional(self, i: int, name: str) -> int:
+    def _optional(self, i, name: str) -> int:
         # megatron-core treats a raising `pad` as "no pad token" and picks its own.
-        if i < 0:
-            raise ValueError(f"tokenizer {self.path!r} has no {name} piece (trained with --{name}-id -1)")
+        if i is None:
+            what = f"{name} piece (trained with --{name}-id -1)" if self.kind == "sentencepiece" else f"{name} token"
+            raise ValueError(f"tokenizer {self.path!r} has no {what}")
         return i
 
     @property
     def cls(self) -> int:
-        raise NotImplementedError("SentencePieceTokenizer has no CLS token (GPT-style pretraining only)")
+        raise NotImplementedError("KLATokenizer has no CLS token (GPT-style pretraining only)")
 
     @property
     def sep(self) -> int:
-        raise NotImplementedError("SentencePieceTokenizer has no SEP token (GPT-style pretraining only)")
+        raise NotImplementedError("KLATokenizer has no SEP token (GPT-style pretraining only)")
 
     @property
     def mask(self) -> int:
-        raise NotImplementedError("SentencePieceTokenizer has no MASK token (GPT-style pretraining only)")
+        raise NotImplementedError("KLATokenizer has no MASK token (GPT-style pretraining only)")
 
 
-def load_tokenizer(model_path: str) -> SentencePieceTokenizer:
-    """The tokenizer named by a training config (path of a sentencepiece ``.model``)."""
-    return SentencePieceTokenizer(model_path)
+# The name this adapter had while it read only sentencepiece models.
+SentencePieceTokenizer = KLATokenizer
+
+
+def load_tokenizer(path: str) -> KLATokenizer:
+    """The tokenizer named by a training config's ``data.tokenizer`` (any kind)."""
+    return KLATokenizer(path)
 
 
 build_tokenizer = load_tokenizer

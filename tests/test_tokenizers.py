@@ -1,0 +1,280 @@
+"""Tokenizer kinds (kla_megatron/tokenizers): a sentencepiece .model, a Hugging Face
+tokenizer.json folder and a tiktoken rank file give the same ids three ways — the dataset
+kla-preprocess writes (read back with megatron-core's IndexedDataset), the trainer's
+tokenizer, and the transformers tokenizer the HF export writes (AutoTokenizer) — on tricky
+text. Kind detection and sidecar errors; kla-train-tokenizer's per-shard sample.
+
+Every tokenizer is trained here from a small generated corpus (no files outside the repo, no
+network)."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+
+import numpy as np
+import pytest
+
+from kla_megatron import tokenizers
+
+TRICKY = [
+    "Plain English: the quick brown fox jumps over the lazy dog.",
+    "Ünïcödé naïve café Straße, Ελληνικά, русский, 東京都, 한국어, emoji 🙂🚀 👩‍👩‍👧 e\u0301 \u00a0nbsp \u200bzw",
+    "  leading, trailing  \t\t and   runs    of     spaces      ",
+    "line one\n\n\nline four\r\nwindows\rold-mac\n\n",
+    "def f(x):\n    return {'a': [x ** 2, x // 3]}  # comment\n\tif x:\n\t\tpass\n",
+    "specials in text stay text: <|endoftext|> <|bos|> </s> <s> <|begin_of_text|>",
+    "digits 1234567890 3.14159 1,000,000 and don't we'll THEY'VE 'quoted'",
+    "unseen characters: ☃ ∮ ℵ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ⿰",
+]
+_WORDS = ("the of and to in is that for it as with was on be by this are from or at an which have not they "
+          "model token data train layer state filter kalman linear attention sequence value").split()
+_CODE = ["for i in range(10):\n    print(i, i ** 2)\n", "if (x != y) { return a[i] + b[j]; }\n",
+         "class Foo:\n    def __init__(self):\n        self.x = {'k': [1, 2, 3]}\n", "#include <stdio.h>\n"]
+_UNI = ["café naïve Straße", "東京都 日本語 한국어", "русский язык", "emoji 🙂🚀", "Ελληνικά γράμματα"]
+
+
+def corpus_docs(n=300, seed=0):
+    """A small varied corpus: sentences, whitespace runs, code, a little unicode."""
+    rng = random.Random(seed)
+    docs = []
+    for i in range(n):
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(8, 40))]
+        text = " ".join(words).capitalize() + ". "
+        text += rng.choice(_CODE) if i % 3 == 0 else ""
+        text += rng.choice(_UNI) if i % 4 == 0 else ""
+        text += "   \t  " + str(rng.randint(0, 99999)) if i % 5 == 0 else ""
+        docs.append(text)
+    return docs
+
+
+def _byte_level_bpe(docs, vocab_size, pattern=None, specials=()):
+    """A byte-level BPE trained with the tokenizers library (pattern: a split regex before ByteLevel)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    if pattern is None:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                                              use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(docs, trainer)
+    return tok
+
+
+def write_rank_file(path, docs, vocab_size=400):
+    """A tiktoken rank file from a byte-level BPE trained on ``docs``: rank = the BPE's id, so
+    every token ranks after its parts."""
+    import base64
+
+    from kla_megatron.tokenizers.hf_export import bytes_to_unicode
+    from kla_megatron.tokenizers.tiktoken_bpe import PRESETS
+
+    tok = _byte_level_bpe(docs, vocab_size, pattern=PRESETS["nanochat"][0])
+    to_byte = {c: b for b, c in bytes_to_unicode().items()}
+    ranks = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    with open(path, "w") as f:
+        for s, rank in ranks:
+            f.write(f"{base64.b64encode(bytes(to_byte[c] for c in s)).decode()} {rank}\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def kinds(tmp_path_factory):
+    """kind -> tokenizer path, all trained on the same small corpus (a few seconds)."""
+    from data_tools.train_tokenizer import TokenizerConfig, train_tokenizer
+    from tokenizers import processors
+
+    d = tmp_path_factory.mktemp("tok")
+    docs = corpus_docs()
+    jsonl = d / "corpus.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    train_tokenizer(TokenizerConfig(inputs=[str(jsonl)], output_prefix=str(d / "spm"), vocab_size=400,
+                                    num_threads=1))
+    # A tokenizer.json folder as transformers writes one; its BOS template must not reach the ids.
+    hf_dir = d / "hf"
+    hf_dir.mkdir()
+    hf = _byte_level_bpe(docs, 420, specials=["<|endoftext|>", "<|begin_of_text|>"])
+    hf.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                      special_tokens=[("<|begin_of_text|>", 1)])
+    hf.save(str(hf_dir / "tokenizer.json"))
+    (hf_dir / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "GPT2Tokenizer", "eos_token": "<|endoftext|>", "bos_token": "<|begin_of_text|>",
+         "auto_map": {"AutoTokenizer": ["x.Tok", None]}, "chat_template": "{{ messages }}"}))
+    ranks = write_rank_file(d / "web.tiktoken", docs)
+    (d / "web.tiktoken.yaml").write_text("pattern: nanochat\nspecial_tokens: [<|endoftext|>, <|bos|>]\n")
+    return {"dir": d, "sentencepiece": str(d / "spm.model"), "hf": str(hf_dir), "tiktoken": str(ranks)}
+
+
+def _dataset_docs(prefix):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(prefix, mmap=True)
+    di = ds.document_indices
+    return [np.concatenate([ds[s] for s in range(di[d], di[d + 1])]).tolist() for d in range(len(di) - 1)]
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "hf", "tiktoken"])
+def test_dataset_training_and_export_ids_agree(kinds, kind, tmp_path):
+    from transformers import AutoTokenizer
+
+    from data_tools.preprocess import PreprocessConfig, preprocess
+    from kla_megatron.checkpoint.hf_io import export_tokenizer
+    from kla_megatron.training.tokenizer import load_tokenizer
+
+    path = kinds[kind]
+    jsonl = tmp_path / "tricky.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in TRICKY))
+    summary = preprocess(PreprocessConfig(inputs=[str(jsonl)], tokenizer_model=path, progress=False,
+                                          output_prefix=str(tmp_path / "ds"), workers=1 if kind == "sentencepiece" else 2))
+    dataset = _dataset_docs(summary.dataset_prefix)
+
+    train_tok = load_tokenizer(path)
+    assert train_tok.kind == kind and summary.eod == train_tok.eod and summary.vocab_size == train_tok.vocab_size
+    training = [train_tok.tokenize(t) + [train_tok.eod] for t in TRICKY]
+    assert dataset == training
+    assert [train_tok.detokenize(ids[:-1]) for ids in training] == TRICKY  # lossless, byte fallback included
+    assert pickle.loads(pickle.dumps(train_tok)).tokenize(TRICKY[1]) == training[1][:-1]
+
+    out = tmp_path / "export"
+    export_tokenizer(path, out)
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    assert cfg["tokenizer_class"] == "PreTrainedTokenizerFast" and "auto_map" not in cfg
+    hf = AutoTokenizer.from_pretrained(str(out))
+    exported = [ids + [hf.eos_token_id] for ids in hf(TRICKY)["input_ids"]]  # default call: no BOS added
+    assert exported == training
+    assert [hf.decode(ids[:-1]) for ids in exported] == TRICKY
+    assert len(hf) <= train_tok.vocab_size
+    # The exported folder is itself a tokenizer our loader reads, with the same EOD.
+    again = tokenizers.load(str(out))
+    assert again.eod == train_tok.eod and again.encode(TRICKY[4]) == training[4][:-1]
+
+
+def test_kinds_state_eod_bos_and_sizes(kinds):
+    spm, hf, tt = (tokenizers.load(kinds[k]) for k in ("sentencepiece", "hf", "tiktoken"))
+    assert (spm.kind, spm.eod, spm.bos, spm.id_to_piece(spm.eod)) == ("sentencepiece", 2, 1, "</s>")
+    assert (hf.kind, hf.id_to_piece(hf.eod), hf.id_to_piece(hf.bos)) == ("hf", "<|endoftext|>", "<|begin_of_text|>")
+    assert hf.vocab_size == 420
+    # list specials follow the last rank; EOD defaults to <|endoftext|>
+    assert (tt.kind, tt.vocab_size, tt.eod, tt.specials["<|bos|>"]) == ("tiktoken", 402, 400, 401)
+    assert tt.bos is None and tt.id_to_piece(tt.eod) == "<|endoftext|>"
+    for tok in (spm, hf, tt):
+        assert tok.encode("") == [] and tok.eod not in tok.encode("<|endoftext|></s>")
+
+
+def test_tiktoken_presets_by_name_and_sidecar(kinds, tmp_path):
+    import shutil
+
+    ranks = kinds["tiktoken"]
+    shutil.copyfile(ranks, tmp_path / "cl100k_base.tiktoken")  # a known encoding's name: its pattern and ids
+    tok = tokenizers.load(str(tmp_path / "cl100k_base.tiktoken"))
+    assert (tok.eod, tok.vocab_size) == (100257, 100277)
+    import tiktoken
+
+    from kla_megatron.tokenizers.tiktoken_bpe import PRESETS
+
+    ref = tiktoken.Encoding("ref", pat_str=PRESETS["cl100k_base"][0], mergeable_ranks=tok.ranks, special_tokens={})
+    assert tok.encode(TRICKY[4]) == ref.encode_ordinary(TRICKY[4])
+
+    shutil.copyfile(ranks, tmp_path / "x.tiktoken")
+    side = tmp_path / "x.tiktoken.yaml"
+    side.write_text("pattern: nanochat\n")  # the preset's nine specials follow the ranks; EOD is <|bos|>
+    tok = tokenizers.load(str(tmp_path / "x.tiktoken"))
+    assert (tok.eod, tok.bos, tok.vocab_size) == (400, 400, 409)
+    side.write_text("pattern: '\\s+|\\S+'\nspecial_tokens: {'<|eos|>': 500}\neod: <|eos|>\nvocab_size: 512\n")
+    tok = tokenizers.load(str(tmp_path / "x.tiktoken"))
+    assert (tok.eod, tok.vocab_size) == (500, 512) and tok.decode(tok.encode(TRICKY[2])) == TRICKY[2]
+
+    for text, match in [("patern: nanochat\n", "unknown setting 'patern'.*did you mean 'pattern'"),
+                        ("pattern: nanochat\neod: <|nope|>\n", "EOD token '<|nope|>' is not one of the special"),
+                        ("pattern: '\\s+'\n", "custom pattern needs `special_tokens:`"),
+                        ("pattern: '(unclosed'\nspecial_tokens: [<|endoftext|>]\n", "pattern does not compile"),
+                        ("pattern: nanochat\nspecial_tokens: {'<|endoftext|>': 5}\n", "id 5 is also the rank"),
+                        ("pattern: nanochat\nvocab_size: 10\n", "vocab_size 10 is smaller than the 409"),
+                        ("pattern: [nanochat\n", "invalid YAML")]:
+        side.write_text(text)
+        with pytest.raises(ValueError, match=match):
+            tokenizers.load(str(tmp_path / "x.tiktoken"))
+    side.unlink()
+    with pytest.raises(ValueError, match=r"needs a pre-tokenizer pattern.*x\.tiktoken\.yaml"):
+        tokenizers.load(str(tmp_path / "x.tiktoken"))
+
+
+def test_kind_detection_and_one_line_errors(kinds, tmp_path):
+    assert tokenizers.detect_kind(kinds["hf"])[0] == "hf"
+    assert tokenizers.detect_kind(os.path.join(kinds["hf"], "tokenizer.json"))[0] == "hf"
+    assert tokenizers.detect_kind(kinds["tiktoken"])[0] == "tiktoken"
+    # A Llama 3 style folder: the rank file is called tokenizer.model (llama3 preset at 128,000 ranks only).
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    (llama / "tokenizer.model").write_bytes(open(kinds["tiktoken"], "rb").read())
+    assert tokenizers.detect_kind(str(llama)) == ("tiktoken", str(llama / "tokenizer.model"))
+    with pytest.raises(ValueError, match="needs a pre-tokenizer pattern"):
+        tokenizers.load(str(llama))
+    spm_dir = tmp_path / "spm"
+    spm_dir.mkdir()
+    (spm_dir / "tokenizer.model").write_bytes(open(kinds["sentencepiece"], "rb").read())
+    assert tokenizers.load(str(spm_dir)).kind == "sentencepiece"
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "two").mkdir()
+    for name in ("a.tiktoken", "b.tiktoken"):
+        (tmp_path / "two" / name).write_text("QQ== 0\n")
+    bad = {"notes.txt": b"just some words\n", "config.json": b'{"vocab_size": 3}', "broken.json": b"{oops",
+           "empty.model": b"", "tokenizer.tiktoken": b"QUJD 0\nnot base64!! x\n"}
+    for name, data in bad.items():
+        (tmp_path / name).write_bytes(data)
+    for name, match in [("notes.txt", "not a tokenizer file this program reads"),
+                        ("config.json", "JSON without a 'model' entry"), ("broken.json", "JSON that does not parse"),
+                        ("empty.model", "empty file"), ("tokenizer.tiktoken", r"tokenizer\.tiktoken:2: not a tiktoken"),
+                        ("missing.model", "does not exist"), ("two", "exactly one \\*.tiktoken"),
+                        ("llama/../empty", "folder without tokenizer.json")]:
+        with pytest.raises(ValueError, match=match) as err:
+            tokenizers.load(str(tmp_path / name))
+        assert "\n" not in str(err.value)
+    (tmp_path / "few.tiktoken").write_text("QQ== 0\n")
+    with pytest.raises(ValueError, match="255 of the 256 single bytes have no rank"):
+        tokenizers.load(str(tmp_path / "few.tiktoken"))
+
+
+def test_hf_eod_choice(kinds, tmp_path):
+    import shutil
+
+    d = tmp_path / "hf"
+    shutil.copytree(kinds["hf"], d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps({**cfg, "eos_token": {"content": "<|begin_of_text|>"}}))
+    assert tokenizers.load(str(d)).eod == 1  # the config's EOS (an AddedToken dict)
+    (d / "tokenizer.json.yaml").write_text("eod: <|endoftext|>\n")
+    assert tokenizers.load(str(d)).eod == 0  # the sidecar wins
+    (d / "tokenizer.json.yaml").write_text("eod: <|nope|>\n")
+    with pytest.raises(ValueError, match="EOD token '<|nope|>' is not in the vocabulary"):
+        tokenizers.load(str(d))
+    # No config, no sidecar, no known EOD name: say how to name one.
+    (d / "tokenizer.json.yaml").unlink()
+    (d / "tokenizer_config.json").unlink()
+    plain = _byte_level_bpe(corpus_docs(50), 300)
+    plain.save(str(d / "tokenizer.json"))
+    with pytest.raises(ValueError, match=r"no EOD token.*eod: <token>"):
+        tokenizers.load(str(d))
+
+
+def test_preprocess_refuses_unknown_tokenizer_in_one_line(tmp_path):
+    from data_tools.preprocess import main
+
+    (tmp_path / "in.jsonl").write_text('{"text": "hi"}\n')
+    (tmp_path / "tok.bin").write_bytes(b"\x00\x01binary")
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(["--input", str(tmp_path / "in.jsonl"), "--tokenizer", str(tmp_path / "tok.bin"),
+                   "--output-prefix", str(tmp_path / "o"), "--no-progress"])
+    assert rc == 1 and "tok.bin: not a tokenizer file this program reads" in err.getvalue()
+    assert len(err.getvalue().strip().splitlines()) == 1 and not list(tmp_path.glob("o*"))
