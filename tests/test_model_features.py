@@ -151,11 +151,48 @@ def test_bf16_cast_keeps_ssm_parameters_fp32(results):
         assert torch.equal(after[name], value), name
 
 
-def test_cpu_shim_is_idempotent_and_records_call_sites(results):
+SHIM_PROBE = """
+import sys
+
+import torch
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from kla_megatron.compat import cpu_shim_hits, enable_cpu_megatron
+
+first = enable_cpu_megatron()
+patched = (torch.cuda.current_device, torch.Tensor.cuda, WrappedTorchNorm.__new__, torch.cuda.get_rng_state)
+second = enable_cpu_megatron()
+assert (first, second) == (True, True), (first, second)
+assert patched == (torch.cuda.current_device, torch.Tensor.cuda, WrappedTorchNorm.__new__,
+                   torch.cuda.get_rng_state), "a second call patched again"
+# A second device mode would turn 'torch.FloatTensor' into 'torch.cuda.cuda.FloatTensor'.
+assert torch.zeros(2).type() == "torch.cuda.FloatTensor", torch.zeros(2).type()
+line = sys._getframe().f_lineno; zeros = torch.zeros(2, device="cuda"); torch.cuda.current_device()
+assert zeros.device.type == "cpu"
+hits = {(shim, site.rsplit("/", 1)[-1]): n for (shim, site), n in cpu_shim_hits().items()}
+assert hits[("torch.cuda.current_device", f"probe.py:{line}")] == 1, hits
+assert hits[("device='cuda' in zeros", f"probe.py:{line}")] == 1, hits
+print("ok")
+"""
+
+
+def test_cpu_shim_is_idempotent_and_records_call_sites(tmp_path):
+    """In a fresh interpreter: a second enable_cpu_megatron() patches nothing again (same
+    functions, one device mode), and each CUDA-only call is recorded once at its call site."""
+    import subprocess
+    import sys
+
     if torch.cuda.is_available():
         pytest.skip("the shim is inactive with CUDA")
-    first, second, shims = results["shim"]
-    assert first is True and second is True
+    script = tmp_path / "probe.py"
+    script.write_text(SHIM_PROBE.lstrip("\n"))
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+
+
+def test_cpu_shim_reached_megatron_cuda_paths(results):
+    if torch.cuda.is_available():
+        pytest.skip("the shim is inactive with CUDA")
+    _, _, shims = results["shim"]
     # The runs above reached megatron's CUDA-only device and RNG paths through the shim.
     assert any(s == "torch.cuda.current_device" or s.startswith("device='cuda'") for s in shims), shims
     assert "megatron _get_cuda_rng_state" in shims
