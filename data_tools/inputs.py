@@ -10,19 +10,26 @@ Formats:
 - ``text``: plain UTF-8 text; ``text_mode`` picks what a document is: ``line`` (each
   line), ``paragraph`` (blocks separated by blank lines) or ``file`` (the whole file;
   that file must fit in memory).
-Files ending in ``.gz`` are read through gzip.
+- ``parquet``: one column of a parquet file (``parquet_input.py``).
+Compressed files (gzip, zstandard, xz) are recognised by their first bytes and read
+decompressed; a binary file of another kind is refused (``filetypes.py``).
+
+Inputs are files, globs (sorted) and directories (every file below, sorted, leaving out
+names starting with ``.`` or ``_``: hidden files and markers such as ``_SUCCESS``).
 """
 from __future__ import annotations
 
 import glob
-import gzip
 import json
 import os
 import re
 from dataclasses import dataclass
+from contextlib import contextmanager
 from typing import BinaryIO, Iterator, List, Optional, Tuple
 
-FORMATS = ("auto", "jsonl", "text")
+from .filetypes import BinaryInputError, open_stream, sniff
+
+FORMATS = ("auto", "jsonl", "text", "parquet")
 TEXT_MODES = ("line", "paragraph", "file")
 POLICIES = ("skip", "fail")
 
@@ -36,20 +43,31 @@ EMPTY_DOCUMENT = "empty_document"
 PROBLEMS = (MALFORMED_JSON, NOT_AN_OBJECT, MISSING_FIELD, FIELD_NOT_STRING, INVALID_UTF8, EMPTY_DOCUMENT)
 
 _JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+_PARQUET_SUFFIXES = (".parquet", ".pq")
+_COMPRESSED_SUFFIXES = (".gz", ".zst", ".zstd", ".xz")
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # paired escapes decode to one code point
 
 
 @dataclass(frozen=True)
 class Problem:
-    """One bad input document: where it is and what is wrong with it."""
+    """One bad input document: where it is and what is wrong with it.
+
+    ``line`` is a 1-based line number, or with ``unit="row"`` a 0-based row index
+    (parquet, Hugging Face datasets), printed as ``file:row N``.
+    """
 
     path: str
     line: int
     kind: str
     detail: str
+    unit: str = "line"
 
     def __str__(self) -> str:
-        return f"{self.path}:{self.line}: {self.kind}: {self.detail}"
+        where = f"{self.line}" if self.unit == "line" else f"{self.unit} {self.line}"
+        return f"{self.path}:{where}: {self.kind}: {self.detail}"
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, self.unit: self.line, "kind": self.kind, "detail": self.detail}
 
 
 class BadInputError(ValueError):
@@ -60,8 +78,20 @@ class BadInputError(ValueError):
         self.problem = problem
 
 
+def _listed(name: str) -> bool:
+    return not name.startswith((".", "_"))
+
+
+def _directory_files(directory: str) -> List[str]:
+    found = []
+    for root, dirs, files in os.walk(directory):
+        dirs[:] = [d for d in dirs if _listed(d)]
+        found.extend(os.path.join(root, f) for f in files if _listed(f))
+    return sorted(found)
+
+
 def expand_inputs(patterns: List[str]) -> List[str]:
-    """Expand each glob (or plain path) in order; each must match at least one file."""
+    """Expand each glob, directory or plain path in order; each must give at least one file."""
     paths: List[str] = []
     for pattern in patterns:
         if glob.has_magic(pattern):
@@ -69,6 +99,11 @@ def expand_inputs(patterns: List[str]) -> List[str]:
             if not matched:
                 raise ValueError(f"input glob {pattern!r} matches no files")
             paths.extend(matched)
+        elif os.path.isdir(pattern):
+            found = _directory_files(pattern)
+            if not found:
+                raise ValueError(f"input directory {pattern!r} has no files (names starting with . or _ are left out)")
+            paths.extend(found)
         elif os.path.isfile(pattern):
             paths.append(pattern)
         else:
@@ -79,17 +114,42 @@ def expand_inputs(patterns: List[str]) -> List[str]:
 
 
 def resolve_format(path: str, fmt: str) -> str:
-    """``auto`` means jsonl for .jsonl/.json/.ndjson (optionally .gz), text otherwise."""
+    """``auto`` means parquet for .parquet/.pq, jsonl for .jsonl/.json/.ndjson (each
+    optionally .gz/.zst/.xz), text otherwise; ``check_format`` then looks at the content."""
     if fmt not in FORMATS:
         raise ValueError(f"input format must be one of {FORMATS}, got {fmt!r}")
     if fmt != "auto":
         return fmt
-    name = path[:-3] if path.endswith(".gz") else path
+    name = path
+    for suffix in _COMPRESSED_SUFFIXES:
+        name = name.removesuffix(suffix)
+    if name.endswith(_PARQUET_SUFFIXES):
+        return "parquet"
     return "jsonl" if name.endswith(_JSONL_SUFFIXES) else "text"
 
 
-def open_binary(path: str) -> BinaryIO:
-    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb", buffering=1 << 20)
+def check_format(path: str, fmt: str) -> str:
+    """The format to read ``path`` in, from the requested format and the file's first bytes.
+
+    Raises ``BinaryInputError`` (one line naming the file) for binary content, for parquet
+    given as text or JSONL, and for a ``.parquet`` file that is not parquet.
+    """
+    codec, kind = sniff(path)
+    resolved = resolve_format(path, fmt)
+    if kind == "parquet":
+        if codec:
+            raise BinaryInputError(f"input {path} is {codec}-compressed parquet; decompress it first "
+                                   "(parquet compresses its own pages)")
+        if fmt in ("auto", "parquet"):
+            return "parquet"
+        raise BinaryInputError(f"input {path} is a parquet file, not {fmt}; drop --input-format {fmt} "
+                               "(or pass --input-format parquet) to read its --text-column")
+    if kind != "text":
+        raise BinaryInputError(f"input {path} is {kind}, not text, JSONL or parquet; remove it from --input")
+    if resolved == "parquet":
+        raise BinaryInputError(f"input {path} is not a parquet file (no PAR1 header)"
+                               + ("; pass --input-format text or jsonl to read it as text" if fmt == "auto" else ""))
+    return resolved
 
 
 def _strip_eol(line: bytes) -> bytes:
@@ -100,26 +160,48 @@ def _strip_eol(line: bytes) -> bytes:
     return line
 
 
-def iter_raw_documents(path: str, fmt: str, text_mode: str = "line") -> Iterator[Tuple[int, bytes]]:
+def iter_raw_documents(path: str, fmt: str, text_mode: str = "line",
+                       column: str = "text") -> Iterator[Tuple[int, bytes]]:
     """Yield ``(line_number, raw_bytes)`` per document, 1-based line numbers, in file order.
 
     Blank lines are document separators (paragraph mode) or carry no document (jsonl and
-    line mode); they are not yielded, and so never reported as empty documents.
+    line mode); they are not yielded, and so never reported as empty documents. Binary
+    files are refused (``check_format``). Parquet yields ``(row, raw)`` of the string rows
+    of ``column`` (``parquet_input.iter_parquet_rows``).
     """
+    fmt = check_format(path, fmt)
+    if fmt == "parquet":
+        from .parquet_input import iter_parquet_rows
+
+        yield from iter_parquet_rows(path, column)
+        return
+    with text_documents(path, fmt, text_mode) as (docs, _):
+        yield from docs
+
+
+@contextmanager
+def text_documents(path: str, fmt: str, text_mode: str = "line"):
+    """Open a text or JSONL file: gives ``(documents, disk_position)`` where documents
+    iterates ``(line_number, raw_bytes)`` as ``iter_raw_documents`` and ``disk_position()``
+    is how many bytes of the (possibly compressed) file have been read."""
     if text_mode not in TEXT_MODES:
         raise ValueError(f"text mode must be one of {TEXT_MODES}, got {text_mode!r}")
-    with open_binary(path) as f:
-        if fmt == "text" and text_mode == "file":
-            data = f.read()
-            yield 1, data
-            return
-        if fmt == "text" and text_mode == "paragraph":
-            yield from _iter_paragraphs(f)
-            return
-        for lineno, line in enumerate(f, start=1):
-            raw = _strip_eol(line)
-            if raw.strip():
-                yield lineno, raw
+    stream, position = open_stream(path)
+    with stream:
+        yield _documents(stream, fmt, text_mode), position
+
+
+def _documents(f: BinaryIO, fmt: str, text_mode: str) -> Iterator[Tuple[int, bytes]]:
+    if fmt == "text" and text_mode == "file":
+        yield 1, f.read()
+        return
+    if fmt == "text" and text_mode == "paragraph":
+        yield from _iter_paragraphs(f)
+        return
+    for lineno, line in enumerate(f, start=1):
+        raw = _strip_eol(line)
+        if raw.strip():
+            yield lineno, raw
 
 
 def _iter_paragraphs(f: BinaryIO) -> Iterator[Tuple[int, bytes]]:

@@ -1,10 +1,18 @@
-"""JSONL / plain text -> megatron-core indexed dataset (``.bin`` + ``.idx``).
+"""JSONL, plain text, parquet or a Hugging Face dataset -> megatron-core indexed dataset
+(``.bin`` + ``.idx``).
 
-Pipeline: one reader (this process) cuts the inputs into chunks of whole documents,
-``--workers`` processes decode and tokenize them (``encode.py``), and this process writes
-the results in input order through megatron-core's ``IndexedDatasetBuilder``. At most
-``2 * workers`` chunks are in flight, so memory stays flat however large the input is;
+Pipeline: one reader (this process) cuts the inputs into work items of whole documents
+(``work.py``: chunks of lines, parquet row groups, batches of rows), ``--workers``
+processes decode and tokenize them (``encode.py``), and this process writes the results
+in input order through megatron-core's ``IndexedDatasetBuilder``. At most
+``2 * workers`` items are in flight, so memory stays flat however large the input is;
 only the index (a few bytes per sequence) grows with the corpus.
+
+Bad documents are reported with ``file:line`` (``file:row N`` for rows) and skipped or
+fatal (``--on-error``); a dataset more than ``--max-bad-fraction`` of whose documents were
+bad is not written. With ``--shard-outputs`` each input file becomes its own dataset with
+a completion marker, a rerun skips finished ones, and ``--merge`` joins them
+(``shards.py``).
 
 Crash safety: data and index are written under ``<name>.bin.partial-<pid>`` /
 ``<name>.idx.partial-<pid>`` and renamed into place only after the index is complete
@@ -29,30 +37,27 @@ import time
 import warnings
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
-from typing import Dict, Iterable, Iterator, List, Optional
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
 from .atomic import check_output_free, commit_dataset, partial_paths, remove_partials
-from .encode import Chunk, EncodedChunk, encode_chunk, init_worker
-from .inputs import (
-    FORMATS,
-    POLICIES,
-    TEXT_MODES,
-    BadInputError,
-    Problem,
-    expand_inputs,
-    iter_raw_documents,
-    resolve_format,
-)
+from .encode import EncodedChunk, init_worker
+from .inputs import FORMATS, POLICIES, TEXT_MODES, BadInputError, Problem
+from .progress import Progress
+from .shards import ShardOutputs
+from .work import Shard, ShardStart, check_shard, encode_item, file_shards, iter_items
+
+MAX_BAD_FRACTION = 0.1
+"""Default of ``--max-bad-fraction``: a dataset with more bad documents than this is not written."""
 
 
 @dataclass(kw_only=True)
 class PreprocessConfig:
     """Everything one preprocess run needs."""
 
-    inputs: List[str]
-    """Input files or globs, processed in the order given (globs sorted)."""
+    inputs: List[str] = field(default_factory=list)
+    """Input files, globs or directories, in the order given (globs and directories sorted)."""
     tokenizer_model: str
     """Tokenizer file or folder (any ``kla_megatron.tokenizers`` kind); its EOD id ends each document."""
     output_prefix: str
@@ -60,7 +65,16 @@ class PreprocessConfig:
     input_format: str = "auto"
     """``jsonl``, ``text`` or ``auto`` (by file extension)."""
     json_key: str = "text"
-    """JSONL field holding the document text."""
+    """JSONL field, or parquet / Hugging Face column (``--text-column``), holding the document text."""
+    hf_dataset: Optional[str] = None
+    """Instead of ``inputs``: a ``save_to_disk`` folder or a ``load_dataset`` path or hub name."""
+    hf_split: str = "train"
+    hf_config: Optional[str] = None
+    """``load_dataset``'s configuration name (e.g. ``sample-10BT``)."""
+    hf_data_files: Optional[List[str]] = None
+    """``load_dataset``'s ``data_files`` (with a builder name such as ``json`` or ``parquet``)."""
+    streaming: bool = False
+    """Stream a ``load_dataset`` dataset instead of preparing its Arrow cache first."""
     text_mode: str = "line"
     """For text inputs: a document is a ``line``, a ``paragraph`` or a whole ``file``."""
     split_sentences: bool = False
@@ -78,7 +92,16 @@ class PreprocessConfig:
     report_limit: int = 20
     """How many bad documents to print to stderr; all go to ``bad_lines_log``."""
     bad_lines_log: Optional[str] = None
-    """Optional JSONL file listing every bad document (path, line, kind, detail)."""
+    """Optional JSONL file listing every bad document (path, line or row, kind, detail)."""
+    max_bad_fraction: float = MAX_BAD_FRACTION
+    """A dataset with a larger fraction of bad documents is not written (the run fails)."""
+    shard_outputs: bool = False
+    """One dataset per input file under ``<output_prefix>_shards/`` with completion markers; reruns resume."""
+    merge: bool = False
+    """With ``shard_outputs``: merge the shards into ``dataset_prefix`` once all are finished."""
+    task_index: int = 0
+    """With ``shard_outputs``: process the shards ``i`` with ``i % task_count == task_index``."""
+    task_count: int = 1
 
     def __post_init__(self):
         if self.input_format not in FORMATS:
@@ -91,6 +114,16 @@ class PreprocessConfig:
             raise ValueError(f"--workers must be >= 1, got {self.workers}")
         if self.chunk_bytes < 1:
             raise ValueError(f"--chunk-bytes must be >= 1, got {self.chunk_bytes}")
+        if bool(self.inputs) == bool(self.hf_dataset):
+            raise ValueError("give the input as --input FILES or as --hf-dataset NAME (one of them)")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ValueError(f"--max-bad-fraction must be between 0 and 1, got {self.max_bad_fraction}")
+        if not 0 <= self.task_index < self.task_count:
+            raise ValueError(f"--task-index must be in [0, --task-count), got {self.task_index} of {self.task_count}")
+        if (self.merge or self.task_count > 1) and not self.shard_outputs:
+            raise ValueError("--merge and --task-count need --shard-outputs")
+        if self.shard_outputs and self.hf_dataset:
+            raise ValueError("--shard-outputs works on --input files; save the dataset as parquet shards first")
         if not os.path.exists(self.tokenizer_model):
             raise ValueError(f"--tokenizer {self.tokenizer_model!r} does not exist")
 
@@ -116,6 +149,9 @@ class Summary:
     vocab_size: int = 0
     eod: int = -1
     encoder: str = ""
+    shards_total: int = 0
+    shards_skipped: int = 0
+    merged: Optional[dict] = None  # merge.merge_datasets' counts, with --merge
 
     @property
     def skipped_total(self) -> int:
@@ -142,28 +178,32 @@ class Summary:
             f"skipped        {self.skipped_total}"
             + "".join(f"\n  {k:<13}{v}" for k, v in sorted(self.skipped.items())),
         ]
+        if self.shards_total:
+            m = self.merged
+            state = (f"all shards merged: {m['documents']} documents, {m['tokens']} tokens" if m
+                     else "per-shard datasets, not merged (pass --merge)")
+            lines[0] = f"dataset        {self.dataset_prefix}  ({state}, dtype {self.dtype})"
+            lines.insert(1, f"shards         {self.shards_total} ({self.shards_skipped} already finished, "
+                            f"{self.files} done now)")
         return "\n".join(lines)
 
 
-def _iter_chunks(paths: List[str], cfg: PreprocessConfig) -> Iterator[Chunk]:
-    for path in paths:
-        fmt = resolve_format(path, cfg.input_format)
-        docs, size = [], 0
-        for lineno, raw in iter_raw_documents(path, fmt, cfg.text_mode):
-            docs.append((lineno, raw))
-            size += len(raw)
-            if size >= cfg.chunk_bytes:
-                yield Chunk(path, fmt, docs)
-                docs, size = [], 0
-        if docs:
-            yield Chunk(path, fmt, docs)
+Encoded = Tuple[Optional[ShardStart], int, Optional[EncodedChunk]]
+"""What the writer gets, in input order: a shard's start mark, or an item's disk bytes and result."""
 
 
-def _encode_in_order(chunks: Iterable[Chunk], cfg: PreprocessConfig) -> Iterator[EncodedChunk]:
+def _iter_work(shards: List[Shard], cfg: PreprocessConfig, hf_dataset=None):
+    for shard in shards:
+        yield ShardStart(shard)
+        yield from iter_items(shard, cfg, hf_dataset)
+
+
+def _encode_in_order(items: Iterable, cfg: PreprocessConfig) -> Iterator[Encoded]:
     init_args = (cfg.tokenizer_model, cfg.json_key, cfg.split_sentences)
     if cfg.workers == 1:
         init_worker(*init_args)
-        yield from map(encode_chunk, chunks)
+        for item in items:
+            yield (item, 0, None) if isinstance(item, ShardStart) else (None, item.disk_bytes, encode_item(item))
         return
     # spawn: workers start clean (no copy of torch/megatron state, no fork-with-threads
     # hazards) and import only numpy + sentencepiece.
@@ -171,17 +211,26 @@ def _encode_in_order(chunks: Iterable[Chunk], cfg: PreprocessConfig) -> Iterator
     try:
         # A bounded window of async results instead of Pool.imap: imap's feeder thread
         # reads the whole input ahead of the workers, which breaks the memory bound.
+        # Only small descriptions of the items in flight stay here, not their documents.
         window: deque = deque()
-        for chunk in chunks:
-            window.append(pool.apply_async(encode_chunk, (chunk,)))
+        for item in items:
+            if isinstance(item, ShardStart):
+                window.append((item, 0, None))
+            else:
+                window.append((None, item.disk_bytes, pool.apply_async(encode_item, (item,))))
             if len(window) >= 2 * cfg.workers:
-                yield window.popleft().get()
+                yield _resolved(window.popleft())
         while window:
-            yield window.popleft().get()
+            yield _resolved(window.popleft())
         pool.close()
     finally:
         pool.terminate()
         pool.join()
+
+
+def _resolved(entry) -> Encoded:
+    mark, disk_bytes, pending = entry
+    return mark, disk_bytes, None if pending is None else pending.get()
 
 
 def _append_chunk(builder, enc: EncodedChunk) -> None:
@@ -217,7 +266,7 @@ class _ProblemReporter:
                   + (f" and listed in {self.cfg.bad_lines_log}" if self.log else " (use --bad-lines-log)"),
                   file=sys.stderr)
         if self.log:
-            self.log.write(json.dumps(asdict(problem)) + "\n")
+            self.log.write(json.dumps(problem.to_dict()) + "\n")
 
     def close(self) -> None:
         if self.log:
@@ -228,9 +277,9 @@ def preprocess(cfg: PreprocessConfig) -> Summary:
     """Run one preprocess job; returns its summary. Raises BadInputError under ``fail``."""
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
-    paths = expand_inputs(cfg.inputs)
-    prefix = cfg.dataset_prefix
-    check_output_free(prefix, cfg.overwrite)
+    source = _Source(cfg)  # inputs checked (binaries refused, parquet columns) before anything is written
+    paths = source.todo
+    prefix = source.summary_prefix
     from kla_megatron.tokenizers import load as load_tokenizer
 
     tok = load_tokenizer(cfg.tokenizer_model)  # one-line ValueError for an unknown or broken file
@@ -238,49 +287,141 @@ def preprocess(cfg: PreprocessConfig) -> Summary:
     dtype = DType.optimal_dtype(vocab_size)
     summary = Summary(prefix, files=len(paths), dtype=np.dtype(dtype).name, vocab_size=vocab_size, eod=tok.eod)
 
-    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
-    tmp_bin, tmp_idx = partial_paths(prefix)
+    return _run(cfg, source, summary, IndexedDatasetBuilder, dtype)
+
+
+class _Source:
+    """The run's shards (input files, or one Hugging Face dataset) and which of them this
+    run processes; every one of those is checked before anything is written."""
+
+    def __init__(self, cfg: PreprocessConfig):
+        self.hf, self.outputs, self.skipped = None, None, 0
+        if cfg.hf_dataset:
+            from . import hf_input
+
+            self.hf = hf_input.load(cfg.hf_dataset, cfg.hf_split, cfg.hf_config, cfg.hf_data_files, cfg.streaming)
+            hf_input.check_column(self.hf, cfg.hf_dataset, cfg.json_key)
+            where = hf_input.label(cfg.hf_dataset, cfg.hf_split)
+            self.shards = self.todo = [Shard(0, where, "hf", hf_input.total_bytes(self.hf, cfg.json_key))]
+        else:
+            self.shards = file_shards(cfg.inputs)
+            todo = self.shards
+            if cfg.shard_outputs:
+                self.outputs = ShardOutputs(cfg, self.shards)
+                mine = self.outputs.mine(cfg.task_index, cfg.task_count)
+                todo = [s for s in mine if not self.outputs.is_done(s)]
+                self.skipped = len(mine) - len(todo)
+            self.todo = [check_shard(s, cfg.input_format, cfg.json_key) for s in todo]
+        writes_final = not cfg.shard_outputs or cfg.merge
+        self.summary_prefix = cfg.dataset_prefix if writes_final else self.outputs.directory
+        if writes_final:
+            check_output_free(cfg.dataset_prefix, cfg.overwrite)
+
+    @property
+    def total_bytes(self) -> Optional[int]:
+        sizes = [s.size for s in self.todo]
+        return None if None in sizes else sum(sizes)
+
+
+class _DatasetWriter:
+    """One output dataset: written under partial names, checked, then committed."""
+
+    def __init__(self, prefix: str, builder_cls, dtype, cfg: PreprocessConfig, what: str):
+        os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+        self.prefix, self.cfg, self.what = prefix, cfg, what
+        self.tmp_bin, self.tmp_idx = partial_paths(prefix)
+        self.builder = builder_cls(self.tmp_bin, dtype=dtype)
+        self.documents = self.sequences = self.tokens = 0
+        self.bad: Counter = Counter()
+        self.first_bad: Optional[Problem] = None
+
+    def add(self, enc: EncodedChunk) -> None:
+        _append_chunk(self.builder, enc)
+        self.documents += len(enc.sequences_per_document)
+        self.sequences += len(enc.sequence_lengths)
+        self.tokens += len(enc.tokens)
+        for p in enc.problems:
+            self.bad[p.kind] += 1
+            self.first_bad = self.first_bad or p
+
+    def counts(self) -> dict:
+        return {"documents": self.documents, "sequences": self.sequences, "tokens": self.tokens,
+                "skipped": dict(self.bad)}
+
+    def commit(self, allow_empty: bool = False) -> Optional[str]:
+        """Put the dataset in place; None (nothing written) for an allowed empty one."""
+        bad = sum(self.bad.values())
+        total = bad + self.documents
+        if bad > self.cfg.max_bad_fraction * total:
+            kinds = ", ".join(f"{k} {v}" for k, v in self.bad.most_common())
+            raise ValueError(f"{self.what}: {bad} of {total} documents were bad ({bad / total:.0%}: {kinds}; "
+                             f"first: {self.first_bad}), more than --max-bad-fraction {self.cfg.max_bad_fraction:g}; "
+                             "check the input format and --text-column, or pass --max-bad-fraction 1 "
+                             f"to keep the {self.documents} good ones")
+        if self.documents == 0:
+            if allow_empty:
+                return None
+            raise ValueError(f"no documents left to write from {self.what} ({bad} skipped as bad input)")
+        self.builder.finalize(self.tmp_idx)
+        commit_dataset(self.tmp_bin, self.tmp_idx, self.prefix)
+        return self.prefix
+
+    def close(self) -> None:
+        self.builder.data_file.close()
+        remove_partials(self.tmp_bin, self.tmp_idx)
+
+
+def _run(cfg: PreprocessConfig, source: _Source, summary: Summary, builder_cls, dtype) -> Summary:
+    """Read, encode in order and write: one dataset, or one per shard with ``shard_outputs``."""
+    outputs = source.outputs
     reporter = _ProblemReporter(cfg)
-    bar = _progress_bar(paths, cfg)
+    progress = Progress(source.total_bytes) if cfg.progress else None
+    writer: Optional[_DatasetWriter] = None
+    shard: Optional[Shard] = None
     start = time.perf_counter()
     try:
-        builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
-        for enc in _encode_in_order(_iter_chunks(paths, cfg), cfg):
+        if outputs is None:
+            writer = _DatasetWriter(cfg.dataset_prefix, builder_cls, dtype, cfg, f"{len(source.todo)} input(s)")
+        for mark, disk_bytes, enc in _encode_in_order(_iter_work(source.todo, cfg, source.hf), cfg):
+            if mark is not None:
+                if outputs is not None:
+                    _finish_shard(outputs, shard, writer)
+                    shard = mark.shard
+                    writer = _DatasetWriter(outputs.start(shard), builder_cls, dtype, cfg,
+                                            f"shard {shard.index} ({shard.path})")
+                continue
             for problem in enc.problems:
                 reporter.add(problem)
-            _append_chunk(builder, enc)
+            writer.add(enc)
             summary.documents += len(enc.sequences_per_document)
             summary.sequences += len(enc.sequence_lengths)
             summary.tokens += len(enc.tokens)
             summary.input_bytes += enc.nbytes
-            summary.encoder = enc.encoder
-            if bar is not None:
-                bar.update(enc.nbytes)
-                bar.set_postfix(docs_per_s=f"{summary.documents / max(time.perf_counter() - start, 1e-9):.0f}",
-                                refresh=False)
-        if summary.documents == 0:
-            raise ValueError(f"no documents left to write from {len(paths)} input file(s) "
-                             f"({sum(reporter.counts.values())} skipped as bad input)")
-        builder.finalize(tmp_idx)
-        commit_dataset(tmp_bin, tmp_idx, prefix)
+            summary.encoder = enc.encoder or summary.encoder
+            if progress is not None:
+                progress.update(disk_bytes, len(enc.sequences_per_document), len(enc.tokens))
+        if outputs is None:
+            writer.commit()
+        else:
+            _finish_shard(outputs, shard, writer)
+            summary.shards_total, summary.shards_skipped = len(source.shards), source.skipped
+            if cfg.merge:
+                summary.merged = outputs.merge(cfg.dataset_prefix)
     finally:
-        if bar is not None:
-            bar.close()
+        if progress is not None:
+            progress.close()
         reporter.close()
-        remove_partials(tmp_bin, tmp_idx)
+        if writer is not None:
+            writer.close()
     summary.seconds = time.perf_counter() - start
     summary.skipped = dict(reporter.counts)
     return summary
 
 
-def _progress_bar(paths: List[str], cfg: PreprocessConfig):
-    if not cfg.progress:
-        return None
-    from tqdm import tqdm
-
-    # Compressed sizes do not measure decompressed progress: no total then.
-    total = None if any(p.endswith(".gz") for p in paths) else sum(os.path.getsize(p) for p in paths)
-    return tqdm(total=total, unit="B", unit_scale=True, desc="preprocess", file=sys.stderr, mininterval=1.0)
+def _finish_shard(outputs: ShardOutputs, shard: Optional[Shard], writer: Optional[_DatasetWriter]) -> None:
+    if shard is not None:
+        outputs.finish(shard, writer.commit(allow_empty=True), writer.counts())
+        writer.close()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -290,15 +431,29 @@ def build_parser() -> argparse.ArgumentParser:
                     "one EOD token after each document.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--input", dest="inputs", nargs="+", required=True, help="input files or globs (quote globs)")
+    src = p.add_argument_group("input (--input or --hf-dataset)")
+    src.add_argument("--input", dest="inputs", nargs="+", default=[],
+                     help="input files, globs (quote them) or directories: JSONL, text or parquet, optionally "
+                          ".gz/.zst/.xz; globs and directories are sorted")
+    src.add_argument("--hf-dataset", default=None, metavar="PATH_OR_NAME",
+                     help="a Hugging Face dataset: a save_to_disk folder, or what datasets.load_dataset opens "
+                          "(a local folder of data files, a builder such as json/parquet with --hf-data-files, "
+                          "or a hub name where the network allows)")
+    src.add_argument("--hf-split", default="train", help="split of --hf-dataset")
+    src.add_argument("--hf-config", default=None, help="configuration name of --hf-dataset (load_dataset's name)")
+    src.add_argument("--hf-data-files", nargs="+", default=None, help="load_dataset's data_files")
+    src.add_argument("--streaming", action="store_true",
+                     help="stream --hf-dataset (load_dataset) instead of building its Arrow cache first")
     p.add_argument("--tokenizer", "--tokenizer-model", dest="tokenizer_model", required=True,
                    help="sentencepiece .model (from kla-train-tokenizer), Hugging Face tokenizer.json or its folder, "
                         "or tiktoken rank file; its EOD token ends each document (data_tools/README.md, Tokenizers)")
     p.add_argument("--output-prefix", required=True,
                    help="output stem; writes <prefix>_<json-key>_document.bin/.idx (_sentence with --split-sentences)")
     p.add_argument("--input-format", choices=FORMATS, default="auto",
-                   help="auto = jsonl for .jsonl/.json/.ndjson[.gz], text otherwise")
-    p.add_argument("--json-key", default="text", help="JSONL field with the document text")
+                   help="auto = parquet for .parquet/.pq or parquet content, jsonl for .jsonl/.json/.ndjson "
+                        "(also .gz/.zst/.xz), text otherwise; binary files are refused")
+    p.add_argument("--json-key", "--text-column", dest="json_key", default="text",
+                   help="JSONL field, or parquet / Hugging Face column, with the document text")
     p.add_argument("--text-mode", choices=TEXT_MODES, default="line",
                    help="plain text: a document is a line, a blank-line-separated paragraph, or a whole file")
     p.add_argument("--split-sentences", action="store_true",
@@ -306,13 +461,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (output is identical for any count)")
     p.add_argument("--chunk-bytes", type=int, default=1 << 20, help="raw bytes per work item")
     p.add_argument("--on-error", choices=POLICIES, default="skip",
-                   help="bad documents (malformed JSON, missing field, invalid UTF-8, empty): "
-                        "skip = report with file:line, count, continue; fail = stop at the first")
+                   help="bad documents (malformed JSON, missing field, null or non-string value, invalid UTF-8, "
+                        "empty): skip = report with file:line (file:row N), count, continue; fail = stop at the first")
+    p.add_argument("--max-bad-fraction", type=float, default=MAX_BAD_FRACTION,
+                   help="fail (exit 1, no dataset written) when more than this fraction of a dataset's documents "
+                        "are bad: a wrong format or column, not a few broken lines; 1 keeps whatever is good")
     p.add_argument("--bad-lines-log", default=None, help="write every bad document as a JSON line here")
     p.add_argument("--report-limit", type=int, default=20, help="bad documents printed to stderr")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset of the same name")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--summary-json", default=None, help="also write the summary as JSON to this file")
+    sh = p.add_argument_group("per-shard outputs (resumable; data_tools/README.md, Shards)")
+    sh.add_argument("--shard-outputs", action="store_true",
+                    help="write each input file as its own dataset under <output-prefix>_shards/ with a completion "
+                         "marker; a rerun skips finished shards")
+    sh.add_argument("--merge", action="store_true",
+                    help="with --shard-outputs: merge all shards into <prefix>_<key>_document when all are finished")
+    sh.add_argument("--task-index", type=int, default=0,
+                    help="with --shard-outputs: this task processes the shards i with i %% task-count == task-index "
+                         "(e.g. $SLURM_ARRAY_TASK_ID)")
+    sh.add_argument("--task-count", type=int, default=1, help="number of tasks sharing the shards")
     return p
 
 
@@ -330,7 +498,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         summary = preprocess(PreprocessConfig(**args))
     except (ValueError, KeyboardInterrupt) as e:
         msg = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
-        print(f"kla-preprocess: error: {msg}; no dataset was written", file=sys.stderr)
+        kept = "finished shards are kept and a rerun resumes" if args["shard_outputs"] else "no dataset was written"
+        print(f"kla-preprocess: error: {msg}; {kept}", file=sys.stderr)
         return 130 if isinstance(e, KeyboardInterrupt) else 1
     except OSError as e:  # an unwritable or invalid output path, a full disk, an unreadable input
         where = f" ({e.filename})" if e.filename else ""

@@ -340,7 +340,7 @@ def test_bad_input_skip_reports_file_line_and_counts(corpus, tmp_path, capsys):
     path, line_of = _bad_file(tmp_path)
     log = tmp_path / "bad.log"
     s = _run(dict(inputs=[path], tokenizer_model=corpus["model"], output_prefix=str(tmp_path / "o"),
-                  bad_lines_log=str(log)))
+                  bad_lines_log=str(log), max_bad_fraction=1.0))  # 6 of 8 bad: allowed here
     assert s.documents == 2 and s.skipped == {k: 1 for k in BAD_LINES} and s.skipped_total == 6
     err = capsys.readouterr().err
     for kind, line in line_of.items():
@@ -357,7 +357,8 @@ def test_lone_surrogate_escape_is_reported_not_replaced(corpus, tmp_path, capsys
     reported as invalid UTF-8 with its line; a proper pair of escapes is one character, kept."""
     path = tmp_path / "s.jsonl"
     path.write_bytes(GOOD + b'\n{"text": "half \\ud800 pair"}\n{"text": "pair \\ud83d\\ude00 ok"}\n')
-    s = _run(dict(inputs=[str(path)], tokenizer_model=corpus["model"], output_prefix=str(tmp_path / "o")))
+    s = _run(dict(inputs=[str(path)], tokenizer_model=corpus["model"], output_prefix=str(tmp_path / "o"),
+                  max_bad_fraction=1.0))
     assert s.documents == 2 and s.skipped == {"invalid_utf8": 1}
     assert f"{path}:2: invalid_utf8: field 'text' holds the lone surrogate \\ud800" in capsys.readouterr().err
     sp = _sp(corpus["model"])
@@ -378,7 +379,8 @@ def test_bad_input_fail_policy(corpus, tmp_path, kind):
 def test_text_input_invalid_utf8_and_errors(corpus, tmp_path):
     path = tmp_path / "t.txt"
     path.write_bytes(b"fine line\nbroken \xc3\x28 line\nanother fine line\n")
-    s = _run(dict(inputs=[str(path)], tokenizer_model=corpus["model"], output_prefix=str(tmp_path / "o")))
+    s = _run(dict(inputs=[str(path)], tokenizer_model=corpus["model"], output_prefix=str(tmp_path / "o"),
+                  max_bad_fraction=0.5))
     assert s.documents == 2 and s.skipped == {"invalid_utf8": 1}
     with pytest.raises(ValueError, match="matches no files"):
         _run(dict(inputs=[str(tmp_path / "*.nothing")], tokenizer_model=corpus["model"],

@@ -1,0 +1,138 @@
+"""The work of one preprocess run: its shards (input files, or one Hugging Face dataset),
+each cut into work items in document order, and how a worker encodes an item.
+
+Items are consecutive documents of one shard: a chunk of text/JSONL lines read by the
+reading process, a parquet row group that the worker reads itself, or rows already read
+(a streamed parquet row group, a Hugging Face dataset). An item's result depends only on
+the item, and items are written in order, so the output is the same for any number of
+workers. Each item carries how many bytes of the input on disk it covers, for progress.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from typing import Iterator, List, Optional, Tuple, Union
+
+from .encode import Chunk, EncodedChunk, encode_chunk
+from .inputs import Problem, check_format, expand_inputs, text_documents
+from . import parquet_input
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One input of the run: a file, or the Hugging Face dataset (``fmt == "hf"``)."""
+
+    index: int
+    path: str
+    fmt: str
+    size: Optional[int]  # bytes on disk (the progress total); None when unknown (streaming)
+
+
+@dataclass(frozen=True)
+class ShardStart:
+    """Marks where a shard's items begin in the stream (never sent to a worker)."""
+
+    shard: Shard
+
+
+@dataclass
+class TextItem:
+    chunk: Chunk
+    disk_bytes: int
+
+
+@dataclass
+class RowsItem:
+    path: str
+    docs: List[Tuple[int, bytes]]  # (row, raw UTF-8)
+    problems: List[Problem]  # rows found bad while reading (null, not a string)
+    disk_bytes: int
+
+
+@dataclass
+class RowGroupItem:
+    path: str
+    group: int
+    first_row: int
+    column: str
+    disk_bytes: int
+
+
+Item = Union[TextItem, RowsItem, RowGroupItem]
+
+
+# ---------------------------------------------------------------- reading side
+
+
+def file_shards(patterns: List[str]) -> List[Shard]:
+    """Input files in order (globs and directories expanded); formats are checked later."""
+    return [Shard(i, p, "", os.path.getsize(p)) for i, p in enumerate(expand_inputs(patterns))]
+
+
+def check_shard(shard: Shard, input_format: str, column: str) -> Shard:
+    """Resolve a file's format from its content; refuse binaries and missing parquet columns."""
+    fmt = check_format(shard.path, input_format)
+    if fmt == "parquet":
+        parquet_input.open_parquet(shard.path, column)
+    return replace(shard, fmt=fmt)
+
+
+def iter_items(shard: Shard, cfg, hf_dataset=None) -> Iterator[Item]:
+    """The work items of one shard, in document order."""
+    if shard.fmt == "parquet":
+        yield from _parquet_items(shard, cfg.json_key, cfg.chunk_bytes)
+    elif shard.fmt == "hf":
+        from .hf_input import iter_batches
+
+        for (docs, problems), nbytes in iter_batches(hf_dataset, shard.path, cfg.json_key, cfg.chunk_bytes):
+            yield RowsItem(shard.path, docs, problems, nbytes)
+    else:
+        yield from _text_items(shard, cfg.text_mode, cfg.chunk_bytes)
+
+
+def _text_items(shard: Shard, text_mode: str, chunk_bytes: int) -> Iterator[TextItem]:
+    with text_documents(shard.path, shard.fmt, text_mode) as (documents, position):
+        docs, size, done = [], 0, 0
+        for lineno, raw in documents:
+            docs.append((lineno, raw))
+            size += len(raw)
+            if size >= chunk_bytes:
+                now = position()
+                yield TextItem(Chunk(shard.path, shard.fmt, docs), now - done)
+                docs, size, done = [], 0, now
+        # the rest of the file, also when it held no more documents (progress adds up to its size)
+        yield TextItem(Chunk(shard.path, shard.fmt, docs), max(shard.size - done, 0))
+
+
+def _parquet_items(shard: Shard, column: str, chunk_bytes: int) -> Iterator[Item]:
+    pf = parquet_input.open_parquet(shard.path, column)
+    for group in parquet_input.row_groups(pf, column, shard.size):
+        if not parquet_input.is_streamed(group, chunk_bytes):
+            yield RowGroupItem(shard.path, group.index, group.first_row, column, group.disk_bytes)
+            continue
+        seen, done = 0, 0
+        for (docs, problems), nbytes in parquet_input.iter_row_batches(pf, shard.path, group, column, chunk_bytes):
+            seen += nbytes
+            now = min(group.disk_bytes * seen // max(group.text_bytes, 1), group.disk_bytes)
+            yield RowsItem(shard.path, docs, problems, now - done)
+            done = now
+        if done < group.disk_bytes:
+            yield RowsItem(shard.path, [], [], group.disk_bytes - done)
+
+
+# ---------------------------------------------------------------- worker side
+
+
+def encode_item(item: Item) -> EncodedChunk:
+    """Decode and tokenize one item (in a worker set up by ``encode.init_worker``)."""
+    if isinstance(item, TextItem):
+        return encode_chunk(item.chunk)
+    if isinstance(item, RowGroupItem):
+        docs, problems = parquet_input.read_row_group(item.path, item.group, item.first_row, item.column)
+    else:
+        docs, problems = item.docs, item.problems
+    enc = encode_chunk(Chunk(item.path, "text", docs))
+    # the encoder reports by line; these documents are rows
+    found = [replace(p, unit="row") for p in enc.problems]
+    enc.problems = sorted(found + problems, key=lambda p: p.line)
+    return enc
