@@ -278,3 +278,23 @@ def test_preprocess_refuses_unknown_tokenizer_in_one_line(tmp_path):
                    "--output-prefix", str(tmp_path / "o"), "--no-progress"])
     assert rc == 1 and "tok.bin: not a tokenizer file this program reads" in err.getvalue()
     assert len(err.getvalue().strip().splitlines()) == 1 and not list(tmp_path.glob("o*"))
+
+
+def test_tiktoken_export_keeps_whole_pretoken_tokens(tmp_path):
+    """tiktoken emits a pre-token that is itself a token whole, even when no merge path builds it
+    (as in Llama 3's table): the exported BPE must too (ignore_merges)."""
+    import base64
+
+    from transformers import AutoTokenizer
+
+    from kla_megatron.tokenizers.hf_export import export
+
+    lines = [f"{base64.b64encode(bytes([b])).decode()} {b}" for b in range(256)]
+    lines.append(f"{base64.b64encode(b'qzx').decode()} 256")  # no 'qz' or 'zx': unreachable by merges
+    (tmp_path / "t.tiktoken").write_text("\n".join(lines) + "\n")
+    (tmp_path / "t.tiktoken.yaml").write_text("pattern: llama3\nspecial_tokens: [<|end_of_text|>]\n")
+    tok = tokenizers.load(str(tmp_path / "t.tiktoken"))
+    assert tok.encode("qzx qzx qzxq") == [256, 32, 113, 122, 120, 32, 113, 122, 120, 113] and tok.eod == 257
+    export(tok, tmp_path / "out", extra_texts=["qzx"])
+    hf = AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+    assert hf("qzx qzx qzxq")["input_ids"] == tok.encode("qzx qzx qzxq") and hf.eos_token_id == 257
