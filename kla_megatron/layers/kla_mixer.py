@@ -53,11 +53,10 @@ from megatron.core.transformer.utils import (
 from megatron.core.utils import divide
 
 from kla_megatron.ops.conv import causal_conv1d
-from kla_megatron.ops.kla import discretize, kla_decode_step, kla_scan
+from kla_megatron.ops.kla import discretize, kla_decode_step
 from kla_megatron.ops.kla.gate import gated_output
 from kla_megatron.ops.kla.sensors import sensor_activations, torch_sensor_activations
-from kla_megatron.parallel import MODEL_CP_LAYOUT, cp_causal_conv, cp_kla_scan
-from kla_megatron.parallel.sharding import shard
+from kla_megatron.parallel.kla_context_parallel import KLAContextParallel
 
 from .inference_state import KLALayerState
 from .sharding import split_sharded_tensor
@@ -178,8 +177,7 @@ class KLAMixer(MegatronModule):
         self.tp_rank = self.tp_group.rank()
         # Context parallelism: the sequence is sharded in megatron's load-balanced order; the
         # scan and the conv exchange carries/halos over this group (kla_megatron.parallel).
-        self.cp_group = getattr(pg_collection, "cp", None)
-        self.cp_size = self.cp_group.size() if self.cp_group is not None else 1
+        self.cp = KLAContextParallel(getattr(pg_collection, "cp", None))
         self.mc = mixer_config
         self.layer_number = layer_number
         mc, D = mixer_config, config.hidden_size
@@ -314,19 +312,6 @@ class KLAMixer(MegatronModule):
         return causal_conv1d(x, self.conv_weight.to(x.dtype), self.conv_bias.to(x.dtype), window=window,
                              position_in_doc=position_in_doc, activation=activation, backend=backend)
 
-    def _cp_conv(self, z, packed_seq_params, inference_state):
-        """The conv over this rank's context-parallel shard (halo from the previous chunk);
-        packed ``cu_seqlens`` are global offsets. Returns ``(conv output, cu_seqlens)``."""
-        if inference_state is not None:
-            raise ValueError("KLAMixer: inference_state is not supported under context parallelism (set cp=1)")
-        b, s, _ = z.shape
-        cu_seqlens, position_in_doc = _packing(packed_seq_params, b, s * self.cp_size, z.device)
-        if position_in_doc is not None:
-            position_in_doc = shard(position_in_doc[None], self.cp_group.rank(), self.cp_size, MODEL_CP_LAYOUT)[0]
-        out = cp_causal_conv(self.causal_conv, z, kernel_size=self.mc.conv_kernel, cp_group=self.cp_group,
-                             layout=MODEL_CP_LAYOUT, position_in_doc=position_in_doc)
-        return out, cu_seqlens
-
     def sensors(self, z: torch.Tensor):
         """z ``[b, s, M_local]`` → v, Λv ``[b, s, H, P]``; k, q ``[b, s, H, S]``, in z's dtype.
 
@@ -346,21 +331,12 @@ class KLAMixer(MegatronModule):
 
     def scan(self, v, lambda_v, k, q, a, p, initial_state=None, cu_seqlens=None, output_final_state=False,
              output_variance=True):
-        """The filter over the local heads (see ``kla_scan``); one call site for CP routing."""
-
-        def run(v, lambda_v, k, q, a, p, *state):
-            kwargs = dict(initial_state=tuple(state) if state else None, output_final_state=output_final_state,
-                          cu_seqlens=cu_seqlens, backend=self.mc.scan_backend)
-            if self.cp_size > 1:
-                # the carry exchange composes transforms in the inputs' dtype: keep it fp32
-                v, lambda_v, k, q = (x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-                                     for x in (v, lambda_v, k, q))
-                return cp_kla_scan(v, lambda_v, k, q, a, p, cp_group=self.cp_group, layout=MODEL_CP_LAYOUT, **kwargs)
-            return kla_scan(v, lambda_v, k, q, a, p, check_values=False, output_variance=output_variance, **kwargs)
-
-        state = tuple(initial_state) if initial_state is not None else ()
+        """The filter over the local heads (see ``kla_scan``), across the CP group if there is one."""
         with torch.autocast(device_type=v.device.type, enabled=False):
-            return run(v, lambda_v, k, q, a, p, *state)
+            return self.cp.scan(v, lambda_v, k, q, a, p, output_variance=output_variance,
+                                initial_state=tuple(initial_state) if initial_state is not None else None,
+                                output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                                backend=self.mc.scan_backend)
 
     def filter(self, z, gate, lambda_skip, cu_seqlens=None, inference_state=None, return_variance=False):
         """Everything between the conv and out_proj: sensors → scan (or one decode step) → output
@@ -409,13 +385,10 @@ class KLAMixer(MegatronModule):
         z, gate = zg.split(self.d_inner_local, dim=-1)
         b, s, _ = z.shape
 
-        if self.cp_size > 1:
-            z, cu_seqlens = self._cp_conv(z, packed_seq_params, inference_state)
-            new_window = None
-        else:
-            cu_seqlens, position_in_doc = _packing(packed_seq_params, b, s, z.device)
-            window = inference_state.conv if inference_state is not None else None
-            z, new_window = self.causal_conv(z, window, position_in_doc)
+        cu_seqlens, position_in_doc = self.cp.packing(packed_seq_params, b, s, z.device,
+                                                      check=_eager_uncaptured(z.device))
+        window = inference_state.conv if inference_state is not None else None
+        z, new_window = self.cp.conv(self.causal_conv, z, self.mc.conv_kernel, window, position_in_doc)
 
         # λ_skip sees only this rank's channels: copy_to_... all-reduces its gradient over TP.
         lambda_skip = copy_to_tensor_model_parallel_region(self.lambda_skip, group=self.tp_group)
@@ -482,18 +455,3 @@ def _eager_uncaptured(device) -> bool:
     if torch.compiler.is_compiling():
         return False
     return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
-
-
-def _packing(packed_seq_params, b: int, s: int, device):
-    """cu_seqlens and each token's position inside its document, or (None, None)."""
-    if packed_seq_params is None:
-        return None, None
-    cu = packed_seq_params.cu_seqlens_q
-    if b != 1:
-        raise ValueError(f"KLAMixer: packed sequences need micro-batch size 1 (b=1), got b={b}")
-    if _eager_uncaptured(device) and int(cu[-1]) != s:
-        raise ValueError(f"KLAMixer: cu_seqlens must end at the sequence length {s}, got {cu.tolist()}")
-    cu = cu.to(device=device, dtype=torch.long)
-    positions = torch.arange(s, device=device)
-    doc = torch.searchsorted(cu, positions, right=True) - 1
-    return cu, positions - cu[doc]

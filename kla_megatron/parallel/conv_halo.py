@@ -13,6 +13,8 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from kla_megatron.ops.packing import position_in_document
+
 from .sharding import check_layout, chunk_ids, num_chunks, shard
 
 ConvFn = Callable[[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]], Tuple[torch.Tensor, torch.Tensor]]
@@ -92,9 +94,7 @@ def cp_causal_conv(
 def cp_position_in_doc(cu_seqlens: torch.Tensor, cp_rank: int, cp_size: int, layout: str) -> torch.Tensor:
     """``[L_local]`` position of each of this rank's tokens inside its document, from global
     ``cu_seqlens`` (a document start inside a chunk cuts the conv's taps there)."""
-    cu = cu_seqlens.long()
-    positions = torch.arange(int(cu[-1]), device=cu.device)
-    doc = torch.searchsorted(cu, positions, right=True) - 1
-    if int(cu[-1]) % num_chunks(cp_size, layout):
-        raise ValueError(f"global packed length {int(cu[-1])} must be divisible by {num_chunks(cp_size, layout)}")
-    return shard((positions - cu[doc])[None], cp_rank, cp_size, layout)[0]
+    length = int(cu_seqlens[-1])
+    if length % num_chunks(cp_size, layout):
+        raise ValueError(f"global packed length {length} must be divisible by {num_chunks(cp_size, layout)}")
+    return shard(position_in_document(cu_seqlens)[None], cp_rank, cp_size, layout)[0]

@@ -72,6 +72,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from torch.nn.attention.bias import causal_lower_right
 
+from kla_megatron.ops.packing import document_ids
+
 from .sharding import MODEL_CP_LAYOUT, check_layout, chunk_ids, shard, unshard
 
 BACKEND_ENV = "KLA_CORE_ATTENTION"
@@ -408,7 +410,7 @@ class CoreAttention(MegatronModule):
         k_pos = torch.arange(s_global, device=q.device)
         allowed = k_pos[None, :] <= q_pos[:, None]
         if cu is not None:
-            doc = torch.searchsorted(torch.tensor(cu, device=q.device), k_pos, right=True)
+            doc = document_ids(torch.tensor(cu, device=q.device), k_pos)
             allowed = allowed & (doc[q_pos][:, None] == doc[None, :])
         allowed = allowed & ~_mask_rows(attention_mask, q_pos, s_global)
         qq, kk, vv = (t.permute(1, 2, 0, 3) for t in (q, k, v))
