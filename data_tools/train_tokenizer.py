@@ -6,9 +6,13 @@ whitespace folding, byte fallback, and ``\\n`` as its own piece, so
 ``decode(encode(text)) == text`` for any text; ``--normalization``/
 ``--remove-extra-whitespaces``/``--no-byte-fallback`` make it lossy on request.
 
-Training sentences are the non-empty lines of the documents; a uniform sample
-(reservoir, ``--seed``) of at most ``--max-sentences`` of them is kept in memory, so the
-corpus itself can be any size.
+Documents come from every input shard: with ``--sample-bytes-per-shard N`` (default 64 MiB)
+about N bytes of each, a seeded uniform sample of its documents (each kept with probability
+N / shard size, reading stops once N bytes are kept), so a corpus of many large shards is
+sampled evenly instead of read whole or from its first file; ``--max-shards K`` reads a seeded
+choice of K shards. Training sentences are the non-empty lines of those documents; a uniform
+sample (reservoir, ``--seed``) of at most ``--max-sentences`` of them is kept in memory. The
+same inputs and seed give the same sample.
 
     python -m data_tools.train_tokenizer --input 'corpus/*.jsonl' --vocab-size 32000 \\
         --output-prefix tok/corpus32k
@@ -25,7 +29,7 @@ import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import List, Optional
+from typing import Iterator, List, Optional, Tuple
 
 from .inputs import FORMATS, POLICIES, TEXT_MODES, BadInputError, Problem, decode_document, expand_inputs, \
     iter_raw_documents, resolve_format
@@ -58,6 +62,10 @@ class TokenizerConfig:
     """Longer lines (in bytes) are left out of the sample and counted."""
     max_documents: Optional[int] = None
     """Stop reading after this many good documents (default: read everything)."""
+    sample_bytes_per_shard: int = 64 << 20
+    """Bytes of documents sampled from each input file (0: every document)."""
+    max_shards: Optional[int] = None
+    """Read a seeded choice of this many input files (default: all)."""
     seed: int = 0
     unk_id: int = 0
     bos_id: int = 1
@@ -94,6 +102,11 @@ class TokenizerConfig:
             raise ValueError(f"--character-coverage must be in (0, 1], got {self.character_coverage}")
         if self.max_sentences < 1:
             raise ValueError(f"--max-sentences must be >= 1, got {self.max_sentences}")
+        if self.sample_bytes_per_shard < 0:
+            raise ValueError(f"--sample-bytes-per-shard must be >= 0 (0 reads everything), got "
+                             f"{self.sample_bytes_per_shard}")
+        if self.max_shards is not None and self.max_shards < 1:
+            raise ValueError(f"--max-shards must be >= 1, got {self.max_shards}")
         if self.eos_id < 0:
             raise ValueError("--eos-id must be >= 0: preprocess uses the EOS piece as the EOD token")
         ids = [i for i in (self.unk_id, self.bos_id, self.eos_id, self.pad_id) if i >= 0]
@@ -108,6 +121,8 @@ class TokenizerConfig:
 
 @dataclass
 class SampleStats:
+    shards: int = 0
+    sampled_bytes: int = 0
     documents: int = 0
     sentences_seen: int = 0
     sentences_sampled: int = 0
@@ -115,16 +130,48 @@ class SampleStats:
     skipped: dict = field(default_factory=dict)
 
 
+def pick_shards(cfg: TokenizerConfig, paths: List[str]) -> List[str]:
+    """All input files, or a seeded choice of ``max_shards`` of them (in input order)."""
+    if cfg.max_shards is None or cfg.max_shards >= len(paths):
+        return list(paths)
+    picked = random.Random(f"{cfg.seed}:shards").sample(range(len(paths)), cfg.max_shards)
+    return [paths[i] for i in sorted(picked)]
+
+
+def shard_documents(cfg: TokenizerConfig, path: str, fmt: str) -> Iterator[Tuple[int, bytes]]:
+    """``(line, raw)`` of the documents of one shard that training reads: all of them, or each
+    with probability budget / file size (seeded by the seed and the file's name, so a shard's
+    sample does not depend on the other shards) until the budget's bytes are kept."""
+    docs = iter_raw_documents(path, fmt, cfg.text_mode)
+    budget = cfg.sample_bytes_per_shard
+    if not budget:
+        yield from docs
+        return
+    rng = random.Random(f"{cfg.seed}:{os.path.basename(path)}")
+    keep = min(1.0, budget / max(1, os.path.getsize(path)))
+    kept = 0
+    for lineno, raw in docs:
+        if keep < 1.0 and rng.random() >= keep:
+            continue
+        yield lineno, raw
+        kept += len(raw)
+        if kept >= budget:
+            return
+
+
 def sample_sentences(cfg: TokenizerConfig, paths: List[str]):
-    """Reservoir-sample training lines; also keep a few whole documents for the round-trip check."""
+    """Reservoir-sample training lines from the shards' samples; also keep a few whole documents
+    for the round-trip check."""
     rng = random.Random(cfg.seed)
     sample: List[str] = []
     check_docs: List[str] = []
     stats = SampleStats()
     skipped: Counter = Counter()
-    for path in paths:
+    for path in pick_shards(cfg, paths):
         fmt = resolve_format(path, cfg.input_format)
-        for lineno, raw in iter_raw_documents(path, fmt, cfg.text_mode):
+        stats.shards += 1
+        for lineno, raw in shard_documents(cfg, path, fmt):
+            stats.sampled_bytes += len(raw)
             text, kind, detail = decode_document(raw, fmt, cfg.json_key)
             if text is None:
                 problem = Problem(path, lineno, kind, detail)
@@ -250,11 +297,23 @@ def _describe(cfg, sp, paths, stats, mismatches, checked, seconds) -> dict:
         "lossless": cfg.lossless,
         "round_trip_check": {"documents": checked, "mismatches": mismatches},
         "training_data": {"inputs": [os.path.abspath(p) for p in paths], "format": cfg.input_format,
-                          "json_key": cfg.json_key, "seed": cfg.seed, **asdict(stats)},
+                          "json_key": cfg.json_key, "seed": cfg.seed,
+                          "sample_bytes_per_shard": cfg.sample_bytes_per_shard, "max_shards": cfg.max_shards,
+                          **asdict(stats)},
         "seconds": round(seconds, 3),
         "sentencepiece_version": spm.__version__,
         "created_by": "data_tools.train_tokenizer",
     }
+
+
+def _size(text: str) -> int:
+    """``1048576``, ``64K``, ``64M``, ``2G`` (binary units) -> bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    try:
+        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size like 64M, 1G or 1048576, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -273,6 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-sentences", type=int, default=2_000_000, help="training sample size, in lines")
     p.add_argument("--max-sentence-length", type=int, default=16384, help="longer lines (bytes) are not sampled")
     p.add_argument("--max-documents", type=int, default=None, help="read at most this many documents")
+    p.add_argument("--sample-bytes-per-shard", type=_size, default=64 << 20, metavar="SIZE",
+                   help="bytes of documents sampled from each input file (seeded, uniform over the file), "
+                        "e.g. 64M or 1G; 0 reads every document")
+    p.add_argument("--max-shards", type=int, default=None, help="read a seeded choice of this many input files")
     p.add_argument("--seed", type=int, default=0)
     for name, default in (("unk", 0), ("bos", 1), ("eos", 2), ("pad", 3)):
         p.add_argument(f"--{name}-id", type=int, default=default,

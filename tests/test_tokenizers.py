@@ -298,3 +298,39 @@ def test_tiktoken_export_keeps_whole_pretoken_tokens(tmp_path):
     export(tok, tmp_path / "out", extra_texts=["qzx"])
     hf = AutoTokenizer.from_pretrained(str(tmp_path / "out"))
     assert hf("qzx qzx qzxq")["input_ids"] == tok.encode("qzx qzx qzxq") and hf.eos_token_id == 257
+
+
+def test_train_tokenizer_samples_every_shard_deterministically(tmp_path):
+    """kla-train-tokenizer reads about N bytes from each shard, spread over the shard (not its
+    start), seeded: the last shard contributes, and the same seed gives the same sample."""
+    from data_tools.train_tokenizer import TokenizerConfig, main, sample_sentences
+
+    shards = []
+    for s in range(6):
+        path = tmp_path / f"part-{s:02d}.jsonl"
+        path.write_text("".join(json.dumps({"text": f"shard{s} doc{d} " + "filler words here " * 5}) + "\n"
+                                for d in range(200)))
+        shards.append(str(path))
+
+    def sample(**over):
+        cfg = TokenizerConfig(inputs=shards, output_prefix=str(tmp_path / "t"),
+                              **{"sample_bytes_per_shard": 2000, **over})
+        lines, _, stats = sample_sentences(cfg, shards)
+        return lines, stats
+
+    lines, stats = sample()
+    assert stats.shards == 6 and 6 * 1200 <= stats.sampled_bytes < 6 * 2300  # about 2000 bytes of each 22 KB shard
+    per_shard = {s: [ln for ln in lines if ln.startswith(f"shard{s} ")] for s in range(6)}
+    assert all(10 <= len(v) <= 25 for v in per_shard.values())  # the last shard too
+    docs = [int(ln.split()[1][3:]) for ln in per_shard[5]]
+    assert max(docs) >= 100 and docs != list(range(len(docs)))  # spread over the shard, not its first lines
+    assert sample()[0] == lines and sample(seed=1)[0] != lines
+    lines3, stats3 = sample(max_shards=3)
+    assert stats3.shards == 3 and len({ln.split()[0] for ln in lines3}) == 3 and sample(max_shards=3)[0] == lines3
+    everything, all_stats = sample(sample_bytes_per_shard=0)
+    assert all_stats.documents == 1200
+
+    rc = main(["--input", str(tmp_path / "part-*.jsonl"), "--output-prefix", str(tmp_path / "tok"), "--vocab-size",
+               "300", "--sample-bytes-per-shard", "2K", "--num-threads", "1"])
+    desc = json.loads((tmp_path / "tok.json").read_text())["training_data"]
+    assert rc == 0 and desc["sample_bytes_per_shard"] == 2048 and desc["shards"] == 6 and desc["documents"] < 200
