@@ -1,7 +1,7 @@
 """``kla-data``: one entry point for the dataset commands.
 
     kla-data merge   --input A B ... --output-prefix OUT
-    kla-data inspect PREFIX [--tokenizer tok.model] [--samples 3] [--json]
+    kla-data inspect PREFIX [--tokenizer TOK] [--samples 3] [--json]
     kla-data preprocess ...        (same as kla-preprocess)
     kla-data train-tokenizer ...   (same as kla-train-tokenizer)
 """
@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="counts, length statistics, token histogram, decoded samples",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     i.add_argument("prefix", help="dataset prefix (or its .bin/.idx path)")
-    i.add_argument("--tokenizer", default=None, help="sentencepiece .model, to decode samples and name pieces")
+    i.add_argument("--tokenizer", default=None, help="the dataset's tokenizer (any kind kla-preprocess reads), "
+                                                     "to decode samples and name pieces")
     i.add_argument("--samples", type=int, default=3, help="documents to decode (needs --tokenizer)")
     i.add_argument("--top", type=int, default=10, help="most frequent token ids to list")
     i.add_argument("--seed", type=int, default=0, help="which documents are sampled")

@@ -36,14 +36,14 @@ def inspect_dataset(prefix: str, tokenizer_model: Optional[str] = None, samples:
     doc_lengths = np.add.reduceat(seq_lengths, doc_idx[:-1]) if len(doc_idx) > 1 else np.zeros(0, np.int64)
     tokens = np.memmap(prefix + ".bin", dtype=ds.index.dtype, mode="r")
     hist = _token_histogram(tokens)
-    sp = None
+    tok = None
     if tokenizer_model:
-        import sentencepiece as spm
+        from kla_megatron.tokenizers import load
 
-        sp = spm.SentencePieceProcessor(model_file=tokenizer_model)
+        tok = load(tokenizer_model)  # any kind kla-preprocess reads
 
     def piece(i: int) -> Optional[str]:
-        return sp.id_to_piece(i) if sp is not None and i < sp.get_piece_size() else None
+        return tok.id_to_piece(i) if tok is not None and i < tok.vocab_size else None
 
     order = np.argsort(-hist, kind="stable")[:top]
     info = {
@@ -58,17 +58,18 @@ def inspect_dataset(prefix: str, tokenizer_model: Optional[str] = None, samples:
         "max_token_id": int(len(hist) - 1) if len(hist) else None,
         "top_tokens": [{"id": int(i), "count": int(hist[i]), "piece": piece(int(i))} for i in order if hist[i] > 0],
     }
-    if sp is not None:
-        info["tokenizer_vocab_size"] = sp.get_piece_size()
-        info["eod_id"] = sp.eos_id()
-        info["eod_count"] = int(hist[sp.eos_id()]) if sp.eos_id() < len(hist) else 0
-        info["ids_outside_vocab"] = int(hist[sp.get_piece_size():].sum())
+    if tok is not None:
+        info["tokenizer_kind"] = tok.kind
+        info["tokenizer_vocab_size"] = tok.vocab_size
+        info["eod_id"] = tok.eod
+        info["eod_count"] = int(hist[tok.eod]) if tok.eod < len(hist) else 0
+        info["ids_outside_vocab"] = int(hist[tok.vocab_size:].sum())
         rng = np.random.default_rng(seed)
         picks = sorted(rng.choice(info["documents"], size=min(samples, info["documents"]), replace=False).tolist())
         info["samples"] = []
         for d in picks:
             ids = np.concatenate([ds[s] for s in range(doc_idx[d], doc_idx[d + 1])]).tolist()
-            text = sp.decode(ids)
+            text = tok.decode(ids)
             info["samples"].append({"document": d, "tokens": len(ids), "text": text[:max_chars],
                                     "truncated": len(text) > max_chars})
     return info
@@ -95,7 +96,7 @@ def format_info(info: dict) -> str:
                      f"p90 {dt['p90']:.0f}  p99 {dt['p99']:.0f}  max {dt['max']}")
     lines.append(f"token ids      {info['distinct_token_ids']} distinct, max id {info['max_token_id']}")
     if "tokenizer_vocab_size" in info:
-        lines.append(f"tokenizer      vocab {info['tokenizer_vocab_size']}, EOD id {info['eod_id']} "
+        lines.append(f"tokenizer      {info['tokenizer_kind']}, vocab {info['tokenizer_vocab_size']}, EOD id {info['eod_id']} "
                      f"seen {info['eod_count']} times, {info['ids_outside_vocab']} ids outside the vocab")
     lines.append("top tokens     " + ", ".join(
         f"{t['id']}{'' if t['piece'] is None else ' ' + repr(t['piece'])}: {t['count']}" for t in info["top_tokens"]))

@@ -133,6 +133,11 @@ def test_dataset_training_and_export_ids_agree(kinds, kind, tmp_path):
     summary = preprocess(PreprocessConfig(inputs=[str(jsonl)], tokenizer_model=path, progress=False,
                                           output_prefix=str(tmp_path / "ds"), workers=1 if kind == "sentencepiece" else 2))
     dataset = _dataset_docs(summary.dataset_prefix)
+    from data_tools.inspect_dataset import inspect_dataset
+
+    info = inspect_dataset(summary.dataset_prefix, path, samples=len(TRICKY), max_chars=10 ** 6)
+    assert info["tokenizer_kind"] == kind and info["eod_count"] == len(TRICKY) and info["ids_outside_vocab"] == 0
+    assert all(s["text"].startswith(TRICKY[s["document"]]) for s in info["samples"])
 
     train_tok = load_tokenizer(path)
     assert train_tok.kind == kind and summary.eod == train_tok.eod and summary.vocab_size == train_tok.vocab_size
