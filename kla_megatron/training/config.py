@@ -168,7 +168,8 @@ class DataConfig:
     split: str = "98,1,1"
     """Train/valid/test split of every corpus, in parts."""
     tokenizer: str | None = None
-    """SentencePiece .model for the corpus (its vocab size must fit the model's); None for mock data."""
+    """The corpus's tokenizer: a sentencepiece .model, a tokenizer.json (or its folder) or a tiktoken rank file
+    (kla_megatron/tokenizers; its vocab size must fit the model's); None for mock data."""
     packed_documents: bool = True
     """Pass document boundaries inside a packed sequence to the model as packed-sequence boundaries
     (KLA resets its state per document)."""
@@ -180,8 +181,8 @@ class DataConfig:
         if self.kind == "indexed" and not self.blend:
             raise ValueError("data: kind 'indexed' needs data.blend (a list of corpus path prefixes)")
         if self.kind == "indexed" and not self.tokenizer:
-            raise ValueError("data: kind 'indexed' needs data.tokenizer (the sentencepiece .model the corpus was "
-                             "tokenized with: its EOS id separates documents)")
+            raise ValueError("data: kind 'indexed' needs data.tokenizer (the tokenizer the corpus was "
+                             "tokenized with: its EOD id separates documents)")
         parts = self.split.split(",")
         if len(parts) != 3 or not all(p.strip().replace(".", "", 1).isdigit() for p in parts):
             raise ValueError(f"data.split must be three comma-separated numbers like '98,1,1', got {self.split!r}")
