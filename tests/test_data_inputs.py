@@ -86,15 +86,25 @@ def test_parquet_row_groups_and_column_choice(tok, texts, tmp_path):
     assert _docs(s.dataset_prefix) == _encode(tok, [t.upper() for t in texts])
 
 
-def test_parquet_identical_for_workers_and_streamed_row_groups(tok, texts, tmp_path):
+def test_parquet_identical_for_workers_and_streamed_row_groups(tok, texts, tmp_path, monkeypatch):
     """Row groups as worker items (1 and 2 workers) and large row groups streamed by the
     reader in batches (a small chunk) give byte-identical datasets, equal to the JSONL."""
+    from data_tools import parquet_input
+
     path = _write_parquet(tmp_path / "p.parquet", {"text": texts * 3}, row_group_size=40)
     jsonl = tmp_path / "same.jsonl"
     jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts * 3))
+    calls = {"read_row_group": 0, "iter_row_batches": 0}
+    for name in calls:
+        def counted(*a, _real=getattr(parquet_input, name), _name=name):
+            calls[_name] += 1
+            return _real(*a)
+        monkeypatch.setattr(parquet_input, name, counted)
     one = _run(tok, [path], tmp_path / "one", workers=1)
+    assert calls == {"read_row_group": 6, "iter_row_batches": 0}  # 237 rows: 6 row-group items
     two = _run(tok, [path], tmp_path / "two", workers=2)
     streamed = _run(tok, [path], tmp_path / "streamed", chunk_bytes=4096)  # every row group > 8 chunks
+    assert calls == {"read_row_group": 6, "iter_row_batches": 6}
     ref = _run(tok, [str(jsonl)], tmp_path / "ref")
     assert _bytes(one.dataset_prefix) == _bytes(two.dataset_prefix) == _bytes(streamed.dataset_prefix) \
         == _bytes(ref.dataset_prefix)
