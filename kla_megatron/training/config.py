@@ -102,6 +102,16 @@ class TrainConfig:
     """WSD: length of the final decay phase (default 20% of steps)."""
     wsd_decay_style: str = "linear"
     """WSD decay shape: 'linear', 'cosine' or '1-sqrt'."""
+    decay_fraction: float | None = None
+    """WSD: the final decay phase as a fraction of train.steps (e.g. 0.4: constant, then decay over
+    the last 40 %); an alternative to decay_steps, which it excludes."""
+    embedding_lr: float | None = None
+    """Peak learning rate of the input embedding, on the same schedule as lr; None = train.lr."""
+    ssm_group_extra: list = field(default_factory=list)
+    """Parameters (by the last part of their name, e.g. 'lambda_skip') that join the KLA SSM group
+    (A_log, delta_raw, p): the model's ssm_lr_mult times the learning rate and no weight decay."""
+    decay_conv: bool = True
+    """Weight decay on the KLA causal-conv kernels; false decays only 2-D hidden and head weights."""
     weight_decay: float = 0.1
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
@@ -147,6 +157,16 @@ class TrainConfig:
         if self.decay_steps is not None and not 0 <= self.decay_steps <= self.steps - self.warmup_steps:
             raise ValueError(f"train.decay_steps must be in [0, steps - warmup_steps = "
                              f"{self.steps - self.warmup_steps}], got {self.decay_steps}")
+        if self.decay_fraction is not None:
+            if not 0 < self.decay_fraction <= 1:
+                raise ValueError(f"train.decay_fraction must be in (0, 1], got {self.decay_fraction}")
+            if self.decay_steps is not None:
+                raise ValueError("train.decay_fraction and train.decay_steps both set the WSD decay length; set one")
+        if self.embedding_lr is not None and self.embedding_lr <= 0:
+            raise ValueError(f"train.embedding_lr must be > 0 (or null for train.lr), got {self.embedding_lr}")
+        if not all(isinstance(n, str) and n and "." not in n for n in self.ssm_group_extra):
+            raise ValueError("train.ssm_group_extra must be a list of parameter names without dots, e.g. "
+                             f"[lambda_skip], got {self.ssm_group_extra!r}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError(f"train.lr must be > 0 and 0 <= train.min_lr <= train.lr, got lr={self.lr} "
                              f"min_lr={self.min_lr}")

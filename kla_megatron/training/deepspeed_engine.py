@@ -18,7 +18,7 @@ import torch.distributed as dist
 from .config import RunConfig
 from .megatron_engine import StepResult, device
 from .model_factory import build_model_chunks, transformer_config
-from .param_groups import torch_param_groups
+from .param_groups import GroupPolicy, torch_param_groups
 from .schedule import apply_lr
 
 TAG = "ds"
@@ -91,7 +91,7 @@ class DeepSpeedEngine:
         if t.precision == "bf16":
             model = model.to(torch.bfloat16)
         deepspeed.init_distributed(dist_backend=dist.get_backend())
-        groups = torch_param_groups(model)
+        groups = torch_param_groups(model, GroupPolicy.from_config(t, model_cfg))
         optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
                                       weight_decay=t.weight_decay)
         with _scalar_safe_broadcast():

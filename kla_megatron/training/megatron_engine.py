@@ -20,7 +20,7 @@ from kla_megatron.parallel import MODEL_CP_LAYOUT, get_cp_shard
 from . import data as data_mod
 from .config import RunConfig
 from .model_factory import build_model_chunks, transformer_config
-from .param_groups import megatron_config_overrides
+from .param_groups import GroupPolicy, megatron_config_overrides
 from .schedule import apply_lr
 
 DIST_OPT_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
@@ -73,7 +73,8 @@ class MegatronEngine:
             adam_beta2=t.adam_beta2, adam_eps=t.adam_eps, clip_grad=t.clip_grad, bf16=t.precision == "bf16",
             params_dtype=self.tc.params_dtype, use_distributed_optimizer=run.use_distributed_optimizer)
         self.optimizer = get_megatron_optimizer(ocfg, self.chunks,
-                                                config_overrides=megatron_config_overrides(self.chunks))
+                                                config_overrides=megatron_config_overrides(
+                                                    self.chunks, GroupPolicy.from_config(t, model_cfg)))
         self.dp_group = ps.get_data_parallel_group(with_context_parallel=True)
         self.pp_group = ps.get_pipeline_model_parallel_group()
         self.is_last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)

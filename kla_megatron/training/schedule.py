@@ -17,7 +17,7 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     if cfg.lr_schedule == "constant":
         return cfg.lr
     if cfg.lr_schedule == "wsd":
-        decay = cfg.decay_steps if cfg.decay_steps is not None else max(1, round(0.2 * cfg.steps))
+        decay = wsd_decay_steps(cfg)
         decay_start = cfg.steps - decay
         if step < decay_start:
             return cfg.lr
@@ -31,6 +31,14 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     if cfg.lr_schedule == "cosine":
         return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * frac))
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * (1.0 - frac)  # linear
+
+
+def wsd_decay_steps(cfg: TrainConfig) -> int:
+    """Length of the WSD decay phase: decay_steps, else decay_fraction (default 0.2) of the steps."""
+    if cfg.decay_steps is not None:
+        return cfg.decay_steps
+    fraction = cfg.decay_fraction if cfg.decay_fraction is not None else 0.2
+    return max(1, round(fraction * cfg.steps))
 
 
 def apply_lr(param_groups, cfg: TrainConfig, step: int) -> float:
