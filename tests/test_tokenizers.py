@@ -339,3 +339,32 @@ def test_train_tokenizer_samples_every_shard_deterministically(tmp_path):
                "300", "--sample-bytes-per-shard", "2K", "--num-threads", "1"])
     desc = json.loads((tmp_path / "tok.json").read_text())["training_data"]
     assert rc == 0 and desc["sample_bytes_per_shard"] == 2048 and desc["shards"] == 6 and desc["documents"] < 200
+
+
+@pytest.mark.parametrize("kind", ["hf", "tiktoken"])
+def test_training_datasets_read_other_kinds(kinds, kind, tmp_path):
+    """megatron-core's GPTDataset takes the adapter for every kind; the model's vocabulary must hold
+    the tokenizer's (the check the trainer makes on data.tokenizer)."""
+    from types import SimpleNamespace
+
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    from data_tools.preprocess import PreprocessConfig, preprocess
+    from kla_megatron.training.data import _tokenizer
+
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus_docs(120, seed=3)))
+    s = preprocess(PreprocessConfig(inputs=[str(jsonl)], tokenizer_model=kinds[kind], progress=False,
+                                    output_prefix=str(tmp_path / "g")))
+    run = SimpleNamespace(data=SimpleNamespace(kind="indexed", tokenizer=kinds[kind]))
+    tok = _tokenizer(run, 512)
+    with pytest.raises(ValueError, match=f"has {tok.vocab_size} tokens but the model's vocab_size is 400"):
+        _tokenizer(run, 400)
+    cfg = GPTDatasetConfig(random_seed=1, sequence_length=32, blend=([s.dataset_prefix], None), split="1,0,0",
+                           path_to_cache=str(tmp_path / "cache"), tokenizer=tok, reset_position_ids=False,
+                           reset_attention_mask=False, eod_mask_loss=False, mmap_bin_files=True)
+    train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [50, None, None], lambda: True, cfg).build()
+    tokens = np.stack([train[i]["tokens"].numpy() for i in range(50)])
+    assert (tokens < tok.vocab_size).all() and (tokens == tok.eod).any()
+    assert tok.unique_identifiers["model_sha256"] == tokenizers.load(kinds[kind]).fingerprint
