@@ -356,3 +356,40 @@ def test_progress_bar_on_a_terminal():
     text = out.getvalue()
     assert "preprocess" in text and "2.00M/2.00M " in text and "docs=15" in text and "tokens=13.3k" in text
     assert "B/s" in text and "<" in text  # rate and the elapsed<remaining ETA
+
+
+# ---------------------------------------------------------------- Slurm array example
+
+
+def test_slurm_array_script_preprocesses_shards_then_merges(tok, texts, tmp_path, capsys):
+    """launch/slurm/preprocess_array.sbatch as Slurm runs it: 2 array tasks, then the merge job.
+    The script runs with DRY_RUN=1 (no Slurm needed) and the command it prints runs here."""
+    import shlex
+    import subprocess
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    raw = _shard_inputs(tmp_path, texts)
+    args = ["--input", str(raw), "--tokenizer", tok, "--output-prefix", str(tmp_path / "fw"), "--no-progress"]
+
+    def job(**env):
+        r = subprocess.run(["bash", "launch/slurm/preprocess_array.sbatch", *args], cwd=repo, capture_output=True,
+                           text=True, timeout=60, env={**os.environ, "KLA_REPO": repo, "DRY_RUN": "1", **env})
+        if r.returncode:
+            return r.returncode, r.stderr
+        argv = shlex.split(r.stderr.strip().split("] ", 1)[1])
+        assert argv[:3] == ["python", "-m", "data_tools.preprocess"], argv
+        code = main(argv[3:])
+        return code, " ".join(argv) + "\n" + capsys.readouterr().out
+
+    for task in ("1", "0"):
+        rc, out = job(SLURM_ARRAY_TASK_ID=task, SLURM_ARRAY_TASK_COUNT="2", SLURM_ARRAY_TASK_MIN="0", KLA_WORKERS="1")
+        assert rc == 0 and f"--task-index {task} --task-count 2" in out and "shards         4" in out, out
+    assert sorted(os.listdir(tmp_path / "fw_shards"))[:3] == [f"00000_text_document{e}" for e in (".bin", ".done.json", ".idx")]
+    rc, out = job(KLA_MERGE="1", SLURM_CPUS_PER_TASK="2")
+    assert rc == 0 and "--workers 2 --shard-outputs --merge" in out and "(4 already finished, 0 done now)" in out
+    whole = _run(tok, [str(raw)], tmp_path / "whole")
+    assert _bytes(str(tmp_path / "fw_text_document")) == _bytes(whole.dataset_prefix)
+    rc, err = job()
+    assert rc == 2 and "not an array task" in err
+    rc, err = job(SLURM_ARRAY_TASK_ID="5", SLURM_ARRAY_TASK_COUNT="2", SLURM_ARRAY_TASK_MIN="4")
+    assert rc == 2 and "number the array from 0" in err
