@@ -146,8 +146,13 @@ def test_loglikelihood_equals_hand_computation(scored, main_hf, main_job):  # no
 
 def test_generation_left_padded_equals_each_prompt_and_greedy_loop(main_hf):  # noqa: F811
     from kla_megatron.evaluation.lm import KLAEvalLM
+    from kla_megatron.hf import KLAForCausalLM
 
-    model, tok = _hf(main_hf)
+    trained, tok = _hf(main_hf)
+    config = trained.config
+    config.initializer_range = 0.3  # random weights this large make every token depend on the whole prompt
+    torch.manual_seed(0)
+    model = KLAForCausalLM(config).eval()
     lm = KLAEvalLM(model, tok, batch_size=3)
     prompts = ["The river", "A good cup of tea needs fresh water and", "Question: What do bees make?\nAnswer:"]
     batched = lm.generate_texts(prompts, [], 6)
