@@ -123,7 +123,14 @@ def _groups_body(rank, world_size, names):
             for p in g["params"]:
                 n, ndim, numel = ids[id(p)]
                 got[n] = (g["lr"], g["weight_decay"], ndim, numel)
+        # The DeepSpeed engine's plain torch groups, from the same policy.
+        from kla_megatron.training.param_groups import GroupPolicy, torch_param_groups
+
+        groups = torch_param_groups(engine.raw_chunks[0], GroupPolicy.from_config(run.train, run_model_config(run)))
+        apply_lr(groups, run.train, 0)
+        plain = {ids[id(p)][0]: (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
         out[name] = got
+        out[name + ":torch"] = plain
     return out
 
 
@@ -149,8 +156,18 @@ def test_each_parameter_gets_its_lr_and_weight_decay(optimizer_groups, name):
     assert sum(n.endswith("lambda_skip") for n in got) == (12 if "kla" in name else 1)
 
 
+@pytest.mark.parametrize("name", ["paper_kla_45m", "paper_hybrid_45m"])
+def test_deepspeed_groups_agree_with_megatron(optimizer_groups, name):
+    megatron, plain = optimizer_groups[name], optimizer_groups[name + ":torch"]
+    assert set(plain) == set(megatron)
+    assert {n: lr for n, (lr, _) in plain.items()} == pytest.approx({n: v[0] for n, v in megatron.items()}, rel=1e-6)
+    assert {n: wd for n, (_, wd) in plain.items()} == {n: v[1] for n, v in megatron.items()}
+
+
 def test_counts_formula_matches_the_built_model(optimizer_groups):
     for name, got in optimizer_groups.items():
+        if name.endswith(":torch"):
+            continue
         assert sum(numel for *_, numel in got.values()) == num_parameters(load_model_config(name)), name
 
 
