@@ -1,5 +1,5 @@
-"""The repository explains itself: no file cites a path outside the repository, and every
-``docs/<page>.md#<anchor>`` citation names a page and a section that exist."""
+"""The repository explains itself: no file cites a path outside the repository or an issue
+number, and every ``docs/<page>.md#<anchor>`` citation names a page and a section that exist."""
 from __future__ import annotations
 
 import re
@@ -15,6 +15,7 @@ MAX_BYTES = 2_000_000  # data files, not prose
 # Built from pieces so that this file does not match itself.
 OUTSIDE = [re.escape(".." + "/shared"), re.escape("/" + "work/"), re.escape("kla_" + "math.md")]
 OUTSIDE_RE = re.compile("|".join(OUTSIDE))
+ISSUE_RE = re.compile("[Ii]ssue" + r" ?#?\d+")  # history belongs in git and bench/README.md
 DOC_REF_RE = re.compile(r"docs/([\w./-]+?\.md)(?:#([\w-]+))?")
 
 
@@ -50,11 +51,11 @@ def anchors(page: Path) -> set[str]:
     return found
 
 
-def outside_citations(files, repo: Path = REPO) -> list[str]:
+def outside_citations(files, repo: Path = REPO, pattern: re.Pattern = OUTSIDE_RE) -> list[str]:
     bad = []
     for p in files:
         for n, line in enumerate(_read(p).splitlines(), 1):
-            if OUTSIDE_RE.search(line):
+            if pattern.search(line):
                 bad.append(f"{p.relative_to(repo)}:{n}: {line.strip()[:120]}")
     return bad
 
@@ -88,6 +89,11 @@ def test_no_citation_of_a_path_outside_the_repository():
     assert not bad, "cite docs/ pages inside the repository instead:\n" + "\n".join(bad)
 
 
+def test_no_issue_numbers():
+    bad = outside_citations(_text_files(), pattern=ISSUE_RE)
+    assert not bad, "say what the code does, not which issue asked for it:\n" + "\n".join(bad)
+
+
 def test_every_docs_citation_names_an_existing_section():
     bad = broken_doc_refs(_text_files())
     assert not bad, "\n".join(bad)
@@ -104,6 +110,8 @@ def test_the_code_cites_the_kla_page():
     ("read /" + "work/main/x", "outside"),
     ("(kla_" + "math.md §3)", "outside"),
     ("(docs/" + "kla.md#no-such-section)", "section"),
+    ("added for iss" + "ue 12", "issue"),
+    ("see Iss" + "ue #7", "issue"),
     ("(docs/" + "no_such_page.md)", "page"),
 ])
 def test_checks_catch_planted_mistakes(tmp_path, line, problem):
@@ -113,6 +121,8 @@ def test_checks_catch_planted_mistakes(tmp_path, line, problem):
     planted.write_text(f'"""ok (docs/kla.md#backward)."""\n# {line}\n')
     if problem == "outside":
         assert len(outside_citations([planted], repo=tmp_path)) == 1
+    elif problem == "issue":
+        assert len(outside_citations([planted], repo=tmp_path, pattern=ISSUE_RE)) == 1
     else:
         (msg,) = broken_doc_refs([planted], repo=tmp_path)
         assert f"no such {problem}" in msg
