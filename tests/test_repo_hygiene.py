@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-ROOTS = ("kla_megatron", "data_tools", "launch", "configs", "tests", "docs", "README.md")
+ROOTS = ("kla_megatron", "data_tools", "launch", "configs", "tests", "docs", "docker", "README.md", "pyproject.toml")
 TEXT_SUFFIXES = {".py", ".md", ".yaml", ".yml", ".sh", ".sbatch", ".toml", ".txt", ".cfg", ".ini", ".json"}
 SKIP_DIRS = {"__pycache__", ".pytest_cache"}
 MAX_BYTES = 2_000_000  # data files, not prose
