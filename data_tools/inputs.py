@@ -15,7 +15,8 @@ Compressed files (gzip, zstandard, xz) are recognised by their first bytes and r
 decompressed; a binary file of another kind is refused (``filetypes.py``).
 
 Inputs are files, globs (sorted) and directories (every file below, sorted, leaving out
-names starting with ``.`` or ``_``: hidden files and markers such as ``_SUCCESS``).
+names starting with ``.`` or ``_``, hidden files and markers such as ``_SUCCESS``, and with a
+notice the files that are not data: README, LICENSE, ``.md``, ``.yaml``, ``.py``, ...).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import glob
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass
 from contextlib import contextmanager
 from typing import BinaryIO, Iterator, List, Optional, Tuple
@@ -78,15 +80,24 @@ class BadInputError(ValueError):
         self.problem = problem
 
 
+# Files that sit next to data shards but are not data (a dataset card, its config, checksums).
+_NOT_DATA = re.compile(r"(?i)^(readme|license|licence|changelog|citation)\b|\.(md|rst|ya?ml|py|sh|crc|lock|toml|cfg|ini)$")
+
+
 def _listed(name: str) -> bool:
     return not name.startswith((".", "_"))
 
 
 def _directory_files(directory: str) -> List[str]:
-    found = []
+    found, left_out = [], []
     for root, dirs, files in os.walk(directory):
         dirs[:] = [d for d in dirs if _listed(d)]
-        found.extend(os.path.join(root, f) for f in files if _listed(f))
+        for f in filter(_listed, files):
+            (left_out if _NOT_DATA.search(f) else found).append(os.path.join(root, f))
+    if left_out:
+        names = ", ".join(os.path.relpath(p, directory) for p in sorted(left_out)[:5])
+        print(f"input directory {directory}: left out {len(left_out)} file(s) that are not data: {names}"
+              + (", ..." if len(left_out) > 5 else ""), file=sys.stderr)
     return sorted(found)
 
 

@@ -162,7 +162,7 @@ def test_zst_xz_gz_read_like_plain(tok, texts, tmp_path):
         assert _bytes(s.dataset_prefix) == _bytes(ref.dataset_prefix), name
 
 
-def test_directory_and_glob_inputs_sorted(tok, tmp_path):
+def test_directory_and_glob_inputs_sorted(tok, tmp_path, capsys):
     d = tmp_path / "raw"
     (d / "sub").mkdir(parents=True)
     (d / "b.jsonl").write_text('{"text": "from b"}\n')
@@ -170,11 +170,15 @@ def test_directory_and_glob_inputs_sorted(tok, tmp_path):
     (d / "sub" / "c.txt").write_text("from c\n")
     (d / "_SUCCESS").write_bytes(b"")  # job markers and hidden files are left out
     (d / ".hidden.jsonl").write_text('{"text": "hidden"}\n')
+    (d / "README.md").write_text("# a dataset card, not data\n")
+    (d / "sub" / "config.yaml").write_text("name: x\n")
     from data_tools.inputs import expand_inputs
 
     want = [str(d / "a.jsonl"), str(d / "b.jsonl"), str(d / "sub" / "c.txt")]
     assert expand_inputs([str(d)]) == want
-    assert expand_inputs([str(d / "**" / "*.*")]) == sorted([want[0], want[1], want[2]])
+    assert f"input directory {d}: left out 2 file(s) that are not data: README.md, sub/config.yaml" in \
+        capsys.readouterr().err
+    assert expand_inputs([str(d / "*.jsonl"), str(d / "sub" / "*.txt")]) == want  # globs: as matched, sorted
     s = _run(tok, [str(d)], tmp_path / "o")
     g = _run(tok, want, tmp_path / "g")
     assert s.files == 3 and s.documents == 3 and _bytes(s.dataset_prefix) == _bytes(g.dataset_prefix)
