@@ -422,6 +422,18 @@ class Runner:
 # ---------------------------------------------------------------------------- breakdown worker
 
 
+def _top_ops(prof, iters: int, cpu_type, n: int = 30) -> list[dict]:
+    """The aten ops whose own kernels take the most GPU time, by input shapes: which tensor each
+    elementwise/copy kernel touched (the kernel names alone do not say)."""
+    ops = []
+    for e in prof.key_averages(group_by_input_shape=True):
+        us = float(getattr(e, "self_device_time_total", 0.0) or 0.0)
+        if e.device_type == cpu_type and us > 0 and e.key.startswith("aten::"):
+            ops.append({"op": e.key, "shapes": str(e.input_shapes)[:120], "ms": us / 1e3 / iters,
+                        "calls": e.count // iters})
+    return sorted(ops, key=lambda o: -o["ms"])[:n]
+
+
 def breakdown_worker(args) -> int:
     """One KLA + one MLP layer, embedding and head: fwd+bwd through the trainer's engine, profiled."""
     import torch
@@ -453,7 +465,7 @@ def breakdown_worker(args) -> int:
     sync()
     wall_ms = 1e3 * (time.perf_counter() - t0) / iters
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:
         for _ in range(iters):
             fwd_bwd()
         sync()
@@ -477,12 +489,14 @@ def breakdown_worker(args) -> int:
         kernels.append({"name": e.key[:200], "category": cat, "ms": us / 1e3 / iters, "calls": e.count // iters})
     kernels.sort(key=lambda k: -k["ms"])
     mc = trainer.model_cfg
+    ops = _top_ops(prof, iters, DeviceType.CPU) if cuda else []
     out = {"device": torch.cuda.get_device_name() if cuda else "cpu", "timing": "CUDA kernel time" if cuda
            else "CPU self time of aten ops (rehearsal only)", "model": mc.name, "layer_pattern": mc.layer_pattern,
            "hidden": mc.hidden_size, "kla_heads": mc.kla_heads, "d_state": mc.d_state, "vocab": mc.vocab_size,
            "B": mb, "L": seq, "precision": trainer.run.train.precision, "iters": iters,
            "fwd_bwd_wall_ms": wall_ms, "categories_ms": by_cat, "launches_per_iter": launches,
-           "total_ms": sum(by_cat.values()), "top_kernels": kernels[:25]}
+           "total_ms": sum(by_cat.values()), "top_kernels": kernels[:25],
+           "top_ops": ops}
     trainer.close()
     print("BREAKDOWN_JSON " + json.dumps(out), flush=True)
     return 0
@@ -543,6 +557,9 @@ def breakdown_table(b: dict) -> str:
     lines.append(f"{'total':24} {total:9.3f} 100.0%")
     lines += ["top kernels (ms per iteration, category):"]
     lines += [f"  {k['ms']:8.3f}  {k['category']:22} {k['name'][:90]}" for k in b["top_kernels"][:12]]
+    if b.get("top_ops"):
+        lines += ["top aten ops by their own kernels' time (ms per iteration, calls, input shapes):"]
+        lines += [f"  {o['ms']:8.3f} {o['calls']:>4}  {o['op'][:28]:28} {o['shapes']}" for o in b["top_ops"]]
     return "\n".join(lines)
 
 

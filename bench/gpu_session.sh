@@ -8,6 +8,7 @@ set -uo pipefail
 OUT=${OUT:-outputs}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the benchmarks import kla_megatron from this checkout
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c "import megatron.core" 2>/dev/null ||
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir .whl/megatron_core-*.whl || exit 1
