@@ -185,6 +185,22 @@ def test_tiktoken_presets_by_name_and_sidecar(kinds, tmp_path):
 
     ref = tiktoken.Encoding("ref", pat_str=PRESETS["cl100k_base"][0], mergeable_ranks=tok.ranks, special_tokens={})
     assert tok.encode(TRICKY[4]) == ref.encode_ordinary(TRICKY[4])
+    # GPT-4's pattern cuts digit runs in threes with a possessive repeat ({1,3}+), which Oniguruma
+    # (tokenizers) reads as a repeated group: a token across the cut ("34") tells them apart.
+    import base64
+
+    from transformers import AutoTokenizer
+
+    from kla_megatron.tokenizers.hf_export import export
+
+    (tmp_path / "digits").mkdir()
+    lines = [f"{base64.b64encode(bytes([b])).decode()} {b}" for b in range(256)] + ["MzQ= 256"]  # "34"
+    (tmp_path / "digits" / "cl100k_base.tiktoken").write_text("\n".join(lines) + "\n")
+    tok = tokenizers.load(str(tmp_path / "digits" / "cl100k_base.tiktoken"))
+    assert tok.encode("1234 34") == [49, 50, 51, 52, 32, 256]
+    export(tok, tmp_path / "cl100k")
+    hf = AutoTokenizer.from_pretrained(str(tmp_path / "cl100k"))
+    assert hf("1234 34")["input_ids"] == [49, 50, 51, 52, 32, 256]
 
     shutil.copyfile(ranks, tmp_path / "x.tiktoken")
     side = tmp_path / "x.tiktoken.yaml"

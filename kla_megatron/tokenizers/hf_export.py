@@ -20,6 +20,7 @@ first text whose ids differ.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from functools import lru_cache
 from pathlib import Path
@@ -30,12 +31,22 @@ from .hf_json import TOKENIZER_CONFIG, TOKENIZER_JSON
 
 PROBES = [
     "", " ", "  ", "\n", "\n\n\n", "a\nb", "a \n b", "Hello world, this is  a test.", " leading space", "trailing  ",
-    "\t\ttabs\tand\r\nwindows lines\r\n", "digits 0123456789 and 3.14159, 1,000,000", "<s>hi</s> <unk> <pad>",
+    "\t\ttabs\tand\r\nwindows lines\r\n", "digits 0123456789 and 3.14159, 1,000,000",
+    "1234 12345 1234567", "<s>hi</s> <unk> <pad>",
     "ünïcödé, 日本語のテキスト, emoji 🙂🚀👩‍👩‍👧, zero\u200bwidth, nbsp\u00a0here, e\u0301", "▁already escaped ▁▁",
     "def f(x):\n    return {'a': [1, 2]}  # comment\n\tif x:\n\t\tpass\n", "MIXED Case AND PUNCT!?... (ok) [y] {n}",
     "<|endoftext|> <|end_of_text|><|bos|> <|begin_of_text|>", "don't we'll I'M they've 'quoted'", "a" * 300,
 ]
 _NO_ADDED = ("TemplateProcessing", "BertProcessing", "RobertaProcessing")
+# A possessive bounded repeat, "X{1,3}+" (GPT-4's digit groups), which Oniguruma (the regex
+# engine of tokenizers) reads as "(X{1,3})+": unbounded.
+_POSSESSIVE_BOUNDED = re.compile(r"(?<!\\)(\{\d+(?:,\d*)?\})\+")
+
+
+def onig_pattern(pattern: str) -> str:
+    """tiktoken's pattern for Oniguruma: possessive bounded repeats made greedy (the same matches
+    here, as nothing after them in a pre-tokenizer alternative backtracks; ``export`` checks)."""
+    return _POSSESSIVE_BOUNDED.sub(r"\1", pattern)
 
 
 @lru_cache(maxsize=1)
@@ -76,7 +87,7 @@ def tiktoken_to_hf(tok) -> "tokenizers.Tokenizer":  # noqa: F821
     hf = HFTokenizer(models.BPE(vocab=vocab, merges=[(a, b) for *_, a, b in merges], ignore_merges=True,
                                 fuse_unk=False, byte_fallback=False, dropout=None, unk_token=None))
     hf.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(tok.pattern), behavior="isolated", invert=False),
+        pre_tokenizers.Split(Regex(onig_pattern(tok.pattern)), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     hf.decoder = decoders.ByteLevel()
