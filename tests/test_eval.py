@@ -213,3 +213,45 @@ def test_console_script_exit_status(tmp_path):
                           timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"kla-eval: error: checkpoint {tmp_path / 'nope'} does not exist"]
+
+
+def test_eval_checkpoints_sbatch_scores_each_iteration_once(tmp_path):
+    """launch/slurm/eval_checkpoints.sbatch (kla-eval stood in for by a script that records its
+    arguments): one kla-eval per complete iter_N of the run, an iteration with results.json is
+    skipped, the scores gathered in summary.md."""
+    import os
+
+    ck = tmp_path / "checkpoints"
+    for name in ("iter_0000001", "iter_0000002", "iter_0000003.tmp"):
+        (ck / name).mkdir(parents=True)
+        (ck / name / "manifest.json").write_text("{}")
+    (ck / "iter_0000003").mkdir()  # no manifest.json: incomplete
+    out = tmp_path / "eval"
+    (out / "iter_0000001").mkdir(parents=True)
+    (out / "iter_0000001" / "results.json").write_text("{}")
+    (out / "iter_0000001" / "results.md").write_text("| kla_mc | acc | 0.5 | 0.1 |\n")
+    fake = tmp_path / "fake-kla-eval"  # records its arguments, writes what kla-eval writes
+    fake.write_text('#!/bin/bash\necho "$@" >> "$(dirname "$0")/calls"\nwhile [ "$1" != --output ]; do shift; done\n'
+                    'mkdir -p "$2" && echo "{}" > "$2/results.json" && echo "| kla_mc | acc | 0.7 | 0.1 |" '
+                    '> "$2/results.md"\n')
+    fake.chmod(0o755)
+    script = REPO / "launch" / "slurm" / "eval_checkpoints.sbatch"
+    env = {**os.environ, "EVAL_OUT": str(out), "KLA_EVAL": str(fake), "KLA_REPO": str(REPO)}
+    proc = subprocess.run(["bash", str(script), str(ck), "--tasks", "kla_mc", "--batch-size", "4"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "calls").read_text().splitlines() == [
+        f"{ck} --iteration 2 --output {out / 'iter_0000002'} --tasks kla_mc --batch-size 4"]
+    assert "skip iter_0000001: scored already" in proc.stdout and "skip iter_0000003: incomplete" in proc.stdout
+    summary = (out / "summary.md").read_text()
+    assert summary.index("## iter_0000001") < summary.index("0.5") < summary.index("## iter_0000002") < \
+        summary.index("0.7")
+    again = subprocess.run(["bash", str(script), str(ck), "--tasks", "kla_mc"], env=env, capture_output=True,
+                           text=True, timeout=60)
+    assert again.returncode == 0 and len((tmp_path / "calls").read_text().splitlines()) == 1
+    dry = subprocess.run(["bash", str(script), str(ck), "--tasks", "kla_mc"], capture_output=True, text=True,
+                         timeout=60, env={**env, "DRY_RUN": "1", "EVAL_OUT": str(tmp_path / "fresh")})
+    assert dry.returncode == 0 and dry.stdout.count("would run: ") == 2
+    bad = subprocess.run(["bash", str(script), str(ck), "--iteration", "2"], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "set per checkpoint" in bad.stderr

@@ -21,6 +21,13 @@ from pathlib import Path
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
+def _limit(text: str):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value if value < 1 else int(value)  # a fraction of each task below 1, else a count (as lm-eval)
+
+
 def _names(text: str):
     names = [t.strip() for t in text.split(",") if t.strip()]
     if not names:
@@ -47,7 +54,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights and activations")
     p.add_argument("--num-fewshot", type=int, help="few-shot examples (default: the task's own, mostly 0)")
-    p.add_argument("--limit", type=float, help="at most this many examples per task (a fraction if < 1)")
+    p.add_argument("--limit", type=_limit, help="at most this many examples per task (a fraction if < 1)")
     p.add_argument("--max-length", type=int, help="longest input in tokens (default: the model's max_seq_len)")
     p.add_argument("--max-gen-toks", type=int, default=256, help="generation tasks: new tokens at most")
     p.add_argument("--bootstrap-iters", type=int, default=100000, help="bootstrap resamples for stderrs "
