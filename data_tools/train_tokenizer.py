@@ -1,4 +1,5 @@
-"""Train a sentencepiece tokenizer (BPE or unigram) on JSONL or plain-text corpora.
+"""Train a tokenizer on JSONL or plain-text corpora: sentencepiece (BPE or unigram), or a
+byte-level BPE written as a tiktoken rank file (``--model-type byte-bpe``, ``train_byte_bpe.py``).
 
 Writes ``<prefix>.model``, ``<prefix>.vocab`` and ``<prefix>.json`` (what was trained, on
 what, and the special-token ids). Defaults are lossless: identity normalisation, no
@@ -35,7 +36,7 @@ from .inputs import FORMATS, POLICIES, TEXT_MODES, BadInputError, Problem, decod
     iter_raw_documents, resolve_format
 
 NORMALIZATIONS = ("identity", "nfkc", "nmt_nfkc", "nfkc_cf", "nmt_nfkc_cf")
-MODEL_TYPES = ("bpe", "unigram")
+MODEL_TYPES = ("bpe", "unigram", "byte-bpe")
 ROUND_TRIP_CHECK_DOCS = 1000
 
 
@@ -51,6 +52,7 @@ class TokenizerConfig:
     json_key: str = "text"
     text_mode: str = "line"
     model_type: str = "bpe"
+    """``bpe``/``unigram``: sentencepiece; ``byte-bpe``: a tiktoken rank file (``train_byte_bpe.py``)."""
     vocab_size: int = 32000
     character_coverage: float = 0.9999
     """Fraction of characters covered by pieces; the rest fall back to bytes."""
@@ -83,6 +85,10 @@ class TokenizerConfig:
     remove_extra_whitespaces: bool = False
     add_dummy_prefix: bool = True
     split_digits: bool = True
+    pattern: str = "nanochat"
+    """byte-bpe: the pre-tokenizer, a preset name of kla_megatron/tokenizers/tiktoken_bpe.py or a regex."""
+    special_tokens: List[str] = field(default_factory=lambda: ["<|endoftext|>"])
+    """byte-bpe: special tokens, ids after the ranks; the first is the EOD token."""
     num_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     on_error: str = "skip"
     overwrite: bool = False
@@ -107,6 +113,10 @@ class TokenizerConfig:
                              f"{self.sample_bytes_per_shard}")
         if self.max_shards is not None and self.max_shards < 1:
             raise ValueError(f"--max-shards must be >= 1, got {self.max_shards}")
+        if self.model_type == "byte-bpe" and (not self.special_tokens or
+                                              len(set(self.special_tokens)) != len(self.special_tokens)):
+            raise ValueError(f"--special-tokens must list distinct tokens, the first being the EOD token; got "
+                             f"{self.special_tokens}")
         if self.eos_id < 0:
             raise ValueError("--eos-id must be >= 0: preprocess uses the EOS piece as the EOD token")
         ids = [i for i in (self.unk_id, self.bos_id, self.eos_id, self.pad_id) if i >= 0]
@@ -159,14 +169,11 @@ def shard_documents(cfg: TokenizerConfig, path: str, fmt: str) -> Iterator[Tuple
             return
 
 
-def sample_sentences(cfg: TokenizerConfig, paths: List[str]):
-    """Reservoir-sample training lines from the shards' samples; also keep a few whole documents
-    for the round-trip check."""
-    rng = random.Random(cfg.seed)
-    sample: List[str] = []
-    check_docs: List[str] = []
-    stats = SampleStats()
+def sampled_texts(cfg: TokenizerConfig, paths: List[str], stats: SampleStats) -> Iterator[str]:
+    """The good documents of every shard's sample, in order (bad ones reported and counted in
+    ``stats.skipped``, or raised under ``--on-error fail``), up to ``max_documents``."""
     skipped: Counter = Counter()
+    stats.skipped = skipped
     for path in pick_shards(cfg, paths):
         fmt = resolve_format(path, cfg.input_format)
         stats.shards += 1
@@ -182,30 +189,39 @@ def sample_sentences(cfg: TokenizerConfig, paths: List[str]):
                     print(f"skipped {problem}", file=sys.stderr)
                 continue
             stats.documents += 1
-            if len(check_docs) < ROUND_TRIP_CHECK_DOCS:
-                check_docs.append(text)
-            for line in text.split("\n"):
-                if not line.strip():
-                    continue
-                if len(line.encode("utf-8")) > cfg.max_sentence_length:
-                    stats.too_long += 1
-                    continue
-                stats.sentences_seen += 1
-                if len(sample) < cfg.max_sentences:
-                    sample.append(line)
-                else:
-                    j = rng.randrange(stats.sentences_seen)
-                    if j < cfg.max_sentences:
-                        sample[j] = line
+            yield text
             if cfg.max_documents is not None and stats.documents >= cfg.max_documents:
-                break
-        if cfg.max_documents is not None and stats.documents >= cfg.max_documents:
-            break
+                return
+
+
+def sample_sentences(cfg: TokenizerConfig, paths: List[str]):
+    """Reservoir-sample training lines from the shards' samples; also keep a few whole documents
+    for the round-trip check."""
+    rng = random.Random(cfg.seed)
+    sample: List[str] = []
+    check_docs: List[str] = []
+    stats = SampleStats()
+    for text in sampled_texts(cfg, paths, stats):
+        if len(check_docs) < ROUND_TRIP_CHECK_DOCS:
+            check_docs.append(text)
+        for line in text.split("\n"):
+            if not line.strip():
+                continue
+            if len(line.encode("utf-8")) > cfg.max_sentence_length:
+                stats.too_long += 1
+                continue
+            stats.sentences_seen += 1
+            if len(sample) < cfg.max_sentences:
+                sample.append(line)
+            else:
+                j = rng.randrange(stats.sentences_seen)
+                if j < cfg.max_sentences:
+                    sample[j] = line
     stats.sentences_sampled = len(sample)
-    stats.skipped = dict(skipped)
+    stats.skipped = dict(stats.skipped)
     if not sample:
         raise ValueError(f"no training text found in {len(paths)} input file(s) "
-                         f"({sum(skipped.values())} documents skipped as bad input)")
+                         f"({sum(stats.skipped.values())} documents skipped as bad input)")
     return sample, check_docs, stats
 
 
@@ -238,18 +254,31 @@ def _trainer_kwargs(cfg: TokenizerConfig, model_prefix: str) -> dict:
     )
 
 
+def output_suffixes(cfg: TokenizerConfig) -> tuple:
+    if cfg.model_type == "byte-bpe":
+        from .train_byte_bpe import SUFFIXES
+
+        return SUFFIXES
+    return (".model", ".vocab", ".json")
+
+
 def _check_outputs_free(cfg: TokenizerConfig) -> None:
-    for ext in (".model", ".vocab", ".json"):
+    for ext in output_suffixes(cfg):
         if os.path.exists(cfg.output_prefix + ext) and not cfg.overwrite:
             raise ValueError(f"{cfg.output_prefix + ext} already exists; pass --overwrite to replace it")
 
 
 def train_tokenizer(cfg: TokenizerConfig) -> dict:
-    """Train, write ``.model/.vocab/.json``, and return the JSON description."""
+    """Train, write ``.model/.vocab/.json`` (``.tiktoken/.tiktoken.yaml/.json`` for byte-bpe),
+    and return the JSON description."""
     import sentencepiece as spm
 
     paths = expand_inputs(cfg.inputs)
     _check_outputs_free(cfg)
+    if cfg.model_type == "byte-bpe":
+        from .train_byte_bpe import train_byte_bpe
+
+        return train_byte_bpe(cfg, paths)
     start = time.perf_counter()
     sample, check_docs, stats = sample_sentences(cfg, paths)
     out_dir = os.path.dirname(os.path.abspath(cfg.output_prefix))
@@ -324,7 +353,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-format", choices=FORMATS, default="auto")
     p.add_argument("--json-key", default="text", help="JSONL field with the text")
     p.add_argument("--text-mode", choices=TEXT_MODES, default="line", help="plain text: what a document is")
-    p.add_argument("--model-type", choices=MODEL_TYPES, default="bpe")
+    p.add_argument("--model-type", choices=MODEL_TYPES, default="bpe",
+                   help="bpe/unigram: a sentencepiece .model; byte-bpe: a byte-level BPE as a tiktoken rank file "
+                        "+ sidecar (GPT-4/nanochat style)")
+    p.add_argument("--pattern", default="nanochat",
+                   help="byte-bpe: pre-tokenizer, a preset (gpt2, cl100k_base, o200k_base, llama3, nanochat) or a regex")
+    p.add_argument("--special-tokens", nargs="+", default=["<|endoftext|>"],
+                   help="byte-bpe: special tokens, ids after the ranks; the first is the EOD token")
     p.add_argument("--vocab-size", type=int, default=32000)
     p.add_argument("--character-coverage", type=float, default=0.9999)
     p.add_argument("--no-byte-fallback", dest="byte_fallback", action="store_false",
@@ -366,8 +401,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"kla-train-tokenizer: error: {e}", file=sys.stderr)
         return 1
     td = desc["training_data"]
-    print(f"wrote {cfg_kwargs['output_prefix']}.model/.vocab/.json: {desc['model_type']} vocab {desc['vocab_size']}, "
-          f"{td['documents']} documents, {td['sentences_sampled']}/{td['sentences_seen']} lines sampled, "
+    files = "/".join(output_suffixes(TokenizerConfig(**cfg_kwargs)))
+    lines = "" if desc["model_type"] == "byte-bpe" else f", {td['sentences_sampled']}/{td['sentences_seen']} lines sampled"
+    print(f"wrote {cfg_kwargs['output_prefix']}{files}: {desc['model_type']} vocab {desc['vocab_size']}, "
+          f"{td['documents']} documents{lines}, "
           f"{sum(td['skipped'].values())} bad documents skipped, round trip "
           f"{desc['round_trip_check']['documents'] - desc['round_trip_check']['mismatches']}"
           f"/{desc['round_trip_check']['documents']} exact, {desc['seconds']:.1f} s")

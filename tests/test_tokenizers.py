@@ -384,3 +384,33 @@ def test_training_datasets_read_other_kinds(kinds, kind, tmp_path):
     tokens = np.stack([train[i]["tokens"].numpy() for i in range(50)])
     assert (tokens < tok.vocab_size).all() and (tokens == tok.eod).any()
     assert tok.unique_identifiers["model_sha256"] == tokenizers.load(kinds[kind]).fingerprint
+
+
+def test_train_byte_bpe_writes_a_tiktoken_tokenizer(tmp_path):
+    """kla-train-tokenizer --model-type byte-bpe: a rank file + sidecar our loader reads (EOD = the
+    first special token), learned from whole documents (blank lines become tokens), deterministic,
+    and exported like any tiktoken file."""
+    from data_tools.train_tokenizer import main
+
+    docs = [d.replace(". ", ".\n\n", 1) for d in corpus_docs(200)]
+    for s in range(2):
+        (tmp_path / f"p{s}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs[s::2]))
+    argv = ["--input", str(tmp_path / "p*.jsonl"), "--model-type", "byte-bpe", "--vocab-size", "384",
+            "--special-tokens", "<|endoftext|>", "<|bos|>", "--num-threads", "1"]
+    assert main([*argv, "--output-prefix", str(tmp_path / "a")]) == 0
+    assert main([*argv, "--output-prefix", str(tmp_path / "b")]) == 0
+    assert (tmp_path / "a.tiktoken").read_bytes() == (tmp_path / "b.tiktoken").read_bytes()
+    tok = tokenizers.load(str(tmp_path / "a.tiktoken"))
+    desc = json.loads((tmp_path / "a.json").read_text())
+    assert (tok.kind, tok.vocab_size, tok.eod, tok.specials["<|bos|>"]) == ("tiktoken", 384, 382, 383)
+    assert desc["eod"] == {"id": 382, "piece": "<|endoftext|>"} and desc["round_trip_check"]["mismatches"] == 0
+    assert desc["training_data"]["shards"] == 2 and desc["training_data"]["documents"] == 200
+    assert any(b"\n\n" in t for t in tok.ranks)  # learned across lines
+    assert all(tok.decode(tok.encode(t)) == t for t in TRICKY)
+    assert len(tok.encode(docs[0])) < len(docs[0].encode()) / 2  # it compresses what it saw
+    from kla_megatron.tokenizers.hf_export import export
+
+    export(tok, tmp_path / "hf", extra_texts=docs[:20])  # raises if the HF tokenizer's ids differ
+    assert main([*argv, "--output-prefix", str(tmp_path / "a")]) == 1  # outputs exist: no --overwrite
+    assert main([*argv[:5], "300", "--special-tokens", "<|endoftext|>", "--num-threads", "1",
+                 "--output-prefix", str(tmp_path / "c"), "--pattern", "(unclosed"]) == 1
