@@ -1,4 +1,4 @@
-"""Corpus tools for kla-megatron: train a sentencepiece tokenizer, turn JSONL/text into
+"""Corpus tools for kla-megatron: train a tokenizer (sentencepiece or byte-level BPE), turn JSONL/text into
 megatron-core indexed datasets (``.bin`` + ``.idx``), merge and inspect them.
 
 Commands (each has ``--help``; see ``data_tools/README.md``)::
