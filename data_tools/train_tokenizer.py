@@ -9,8 +9,8 @@ whitespace folding, byte fallback, and ``\\n`` as its own piece, so
 
 Documents come from every input shard: with ``--sample-bytes-per-shard N`` (default 64 MiB)
 about N bytes of each, a seeded uniform sample of its documents (each kept with probability
-N / shard size, reading stops once N bytes are kept), so a corpus of many large shards is
-sampled evenly instead of read whole or from its first file; ``--max-shards K`` reads a seeded
+N / the shard's text size, reading stops once N bytes are kept), so a corpus of many large
+shards is sampled evenly instead of read whole or from its first file; ``--max-shards K`` reads a seeded
 choice of K shards. Training sentences are the non-empty lines of those documents; a uniform
 sample (reservoir, ``--seed``) of at most ``--max-sentences`` of them is kept in memory. The
 same inputs and seed give the same sample.
@@ -148,17 +148,32 @@ def pick_shards(cfg: TokenizerConfig, paths: List[str]) -> List[str]:
     return [paths[i] for i in sorted(picked)]
 
 
+def _text_size(path: str, fmt: str, column: str) -> int:
+    """Bytes of text in a shard, as well as is cheap to know: parquet's metadata gives the text
+    column's uncompressed size; other files count their size on disk (an underestimate for
+    .gz/.zst/.xz, whose sample then leans to the start of the file)."""
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        meta = pq.ParquetFile(path).metadata
+        sizes = [meta.row_group(g).column(c).total_uncompressed_size for g in range(meta.num_row_groups)
+                 for c in range(meta.num_columns) if meta.row_group(g).column(c).path_in_schema == column]
+        if sizes:
+            return sum(sizes)
+    return os.path.getsize(path)
+
+
 def shard_documents(cfg: TokenizerConfig, path: str, fmt: str) -> Iterator[Tuple[int, bytes]]:
     """``(line, raw)`` of the documents of one shard that training reads: all of them, or each
-    with probability budget / file size (seeded by the seed and the file's name, so a shard's
+    with probability budget / text size (``_text_size``; seeded by the seed and the file's name, so a shard's
     sample does not depend on the other shards) until the budget's bytes are kept."""
-    docs = iter_raw_documents(path, fmt, cfg.text_mode)
+    docs = iter_raw_documents(path, fmt, cfg.text_mode, column=cfg.json_key)
     budget = cfg.sample_bytes_per_shard
     if not budget:
         yield from docs
         return
     rng = random.Random(f"{cfg.seed}:{os.path.basename(path)}")
-    keep = min(1.0, budget / max(1, os.path.getsize(path)))
+    keep = min(1.0, budget / max(1, _text_size(path, fmt, cfg.json_key)))
     kept = 0
     for lineno, raw in docs:
         if keep < 1.0 and rng.random() >= keep:
@@ -351,7 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", dest="inputs", nargs="+", required=True, help="input files or globs (quote globs)")
     p.add_argument("--output-prefix", required=True, help="writes <prefix>.model, <prefix>.vocab, <prefix>.json")
     p.add_argument("--input-format", choices=FORMATS, default="auto")
-    p.add_argument("--json-key", default="text", help="JSONL field with the text")
+    p.add_argument("--json-key", "--text-column", dest="json_key", default="text",
+                   help="JSONL field or parquet column with the text")
     p.add_argument("--text-mode", choices=TEXT_MODES, default="line", help="plain text: what a document is")
     p.add_argument("--model-type", choices=MODEL_TYPES, default="bpe",
                    help="bpe/unigram: a sentencepiece .model; byte-bpe: a byte-level BPE as a tiktoken rank file "

@@ -334,9 +334,9 @@ def test_train_tokenizer_samples_every_shard_deterministically(tmp_path):
         shards.append(str(path))
 
     def sample(**over):
-        cfg = TokenizerConfig(inputs=shards, output_prefix=str(tmp_path / "t"),
-                              **{"sample_bytes_per_shard": 2000, **over})
-        lines, _, stats = sample_sentences(cfg, shards)
+        cfg = TokenizerConfig(**{"inputs": shards, "output_prefix": str(tmp_path / "t"),
+                                 "sample_bytes_per_shard": 2000, **over})
+        lines, _, stats = sample_sentences(cfg, cfg.inputs)
         return lines, stats
 
     lines, stats = sample()
@@ -350,6 +350,15 @@ def test_train_tokenizer_samples_every_shard_deterministically(tmp_path):
     assert stats3.shards == 3 and len({ln.split()[0] for ln in lines3}) == 3 and sample(max_shards=3)[0] == lines3
     everything, all_stats = sample(sample_bytes_per_shard=0)
     assert all_stats.documents == 1200
+
+    # parquet shards (the FineWeb-Edu format) with the text in a column of another name
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"content": [f"parquet doc{d} " + "words here " * 5 for d in range(300)]}),
+                   str(tmp_path / "web.parquet"), row_group_size=50)
+    pq_lines, pq_stats = sample(inputs=[str(tmp_path / "web.parquet")], json_key="content")
+    assert pq_stats.shards == 1 and 10 <= len(pq_lines) <= 40 and max(int(x.split()[1][3:]) for x in pq_lines) > 150
 
     rc = main(["--input", str(tmp_path / "part-*.jsonl"), "--output-prefix", str(tmp_path / "tok"), "--vocab-size",
                "300", "--sample-bytes-per-shard", "2K", "--num-threads", "1"])
