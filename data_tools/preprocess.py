@@ -172,7 +172,7 @@ class Summary:
             f"documents      {self.documents}",
             f"sequences      {self.sequences}",
             f"tokens         {self.tokens}  (EOD id {self.eod}, vocab {self.vocab_size})",
-            f"encoder        {self.encoder}",
+            f"encoder        {self.encoder or '-'}",
             f"input          {self.input_bytes / 1e6:.2f} MB in {self.seconds:.2f} s "
             f"({d['mb_per_s']:.2f} MB/s, {d['docs_per_s']:.0f} docs/s)",
             f"skipped        {self.skipped_total}"
@@ -184,7 +184,7 @@ class Summary:
                      else "per-shard datasets, not merged (pass --merge)")
             lines[0] = f"dataset        {self.dataset_prefix}  ({state}, dtype {self.dtype})"
             lines.insert(1, f"shards         {self.shards_total} ({self.shards_skipped} already finished, "
-                            f"{self.files} done now)")
+                            f"{self.files} done now; the counts below are this run's)")
         return "\n".join(lines)
 
 

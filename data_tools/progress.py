@@ -59,16 +59,17 @@ class Progress:
     def line(self) -> str:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         rate = self.bytes / elapsed
+        unit, scale = ("GB", 1e9) if max(self.total or 0, self.bytes) >= 1e9 else ("MB", 1e6)
         if self.total:
-            done = f"{self.bytes / 1e9:.2f}/{self.total / 1e9:.2f} GB ({100 * self.bytes / self.total:.0f}%)"
+            done = f"{self.bytes / scale:.2f}/{self.total / scale:.2f} {unit} ({100 * self.bytes / self.total:.0f}%)"
             eta = _duration((self.total - self.bytes) / rate) if rate > 0 else "?"
         else:
-            done, eta = f"{self.bytes / 1e9:.2f} GB", "? (total unknown)"
+            done, eta = f"{self.bytes / scale:.2f} {unit}", "? (total unknown)"
         return (f"preprocess: {done}, {self.docs:,} docs, {_count(self.tokens)} tokens, {rate / 1e6:.1f} MB/s, "
                 f"{self.docs / elapsed:,.0f} docs/s, ETA {eta}")
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        else:
+        elif self.bytes or self.docs:  # nothing read (every shard already finished): no line
             print(self.line(), file=self.stream, flush=True)

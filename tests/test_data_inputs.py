@@ -307,7 +307,7 @@ def test_shard_outputs_resume_skips_finished_shards(tok, texts, tmp_path, capsys
 
     assert main(base + ["--merge", "--workers", "2", "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "shards         4 (1 already finished, 3 done now)" in out
+    assert "shards         4 (1 already finished, 3 done now;" in out
     assert {p: (os.stat(p).st_ino, os.stat(p).st_mtime_ns) for p in done} == before  # not rewritten
     assert not stale.exists()
     assert json.load(open(shards / "00003_text_document.done.json"))["dataset"] is None
@@ -340,8 +340,8 @@ def test_progress_line_has_bytes_docs_tokens_rate_eta(tok, texts, tmp_path, caps
     path = _write_parquet(tmp_path / "p.parquet", {"text": texts}, 10)
     s = preprocess(PreprocessConfig(inputs=[path], tokenizer_model=tok, output_prefix=str(tmp_path / "o")))
     last = capsys.readouterr().err.strip().splitlines()[-1]  # not a terminal: plain lines
-    size = os.path.getsize(path) / 1e9
-    assert last.startswith(f"preprocess: {size:.2f}/{size:.2f} GB (100%), {s.documents:,} docs, ")
+    size = os.path.getsize(path) / 1e6
+    assert last.startswith(f"preprocess: {size:.2f}/{size:.2f} MB (100%), {s.documents:,} docs, ")
     assert " tokens, " in last and " MB/s, " in last and " docs/s, ETA 0s" in last
 
 
@@ -390,7 +390,7 @@ def test_slurm_array_script_preprocesses_shards_then_merges(tok, texts, tmp_path
         assert rc == 0 and f"--task-index {task} --task-count 2" in out and "shards         4" in out, out
     assert sorted(os.listdir(tmp_path / "fw_shards"))[:3] == [f"00000_text_document{e}" for e in (".bin", ".done.json", ".idx")]
     rc, out = job(KLA_MERGE="1", SLURM_CPUS_PER_TASK="2")
-    assert rc == 0 and "--workers 2 --shard-outputs --merge" in out and "(4 already finished, 0 done now)" in out
+    assert rc == 0 and "--workers 2 --shard-outputs --merge" in out and "(4 already finished, 0 done now;" in out
     whole = _run(tok, [str(raw)], tmp_path / "whole")
     assert _bytes(str(tmp_path / "fw_text_document")) == _bytes(whole.dataset_prefix)
     rc, err = job()
