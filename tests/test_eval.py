@@ -180,7 +180,7 @@ def _one_line_error(capsys, rc):
     return err[0]
 
 
-def test_bad_input_is_one_line(tmp_path, main_job, capsys):  # noqa: F811
+def test_bad_input_is_one_line(tmp_path, main_job, main_hf, capsys):  # noqa: F811
     common = ("--tasks", "kla_mc", "--include-path", TASKS_DIR, "--output", tmp_path / "out", "--device", "cpu")
     msg = _one_line_error(capsys, _eval(tmp_path / "missing", *common))
     assert "does not exist" in msg and "missing" in msg
@@ -201,10 +201,26 @@ def test_bad_input_is_one_line(tmp_path, main_job, capsys):  # noqa: F811
     msg = _one_line_error(capsys, _eval(main_job["ck"], *common[:2], "--include-path", tmp_path / "nowhere",
                                         "--output", tmp_path / "out"))
     assert "is not a directory" in msg
+    import shutil
+
+    bare = tmp_path / "hf_no_tokenizer"  # an export written without --tokenizer
+    shutil.copytree(main_hf[1], bare, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*"))
+    msg = _one_line_error(capsys, _eval(bare, *common))
+    assert "has no tokenizer files" in msg and "--tokenizer" in msg
     golden = REPO / "tests" / "golden" / "kla_ref_model.npz"  # reference weights: 97 ids, our tokenizer has 512
     msg = _one_line_error(capsys, _eval(golden, *common, "--tokenizer", main_job["tokenizer"]))
     assert "does not fit the model" in msg and "97" in msg
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.gpu
+def test_cuda_scores_match_cpu(scored, main_hf, tmp_path):  # noqa: F811
+    """On a GPU (Triton kernels, fp32 weights) the per-example log-likelihoods are the CPU's up to
+    kernel rounding."""
+    assert _eval(main_hf[1], "--tasks", TASKS, "--include-path", TASKS_DIR, "--batch-size", 8, "--device", "cuda",
+                 "--output", tmp_path, "--log-samples") == 0
+    gpu, cpu = _log_likelihoods(_samples(tmp_path)), _log_likelihoods(_samples(scored["hf_bs1"]["dir"]))
+    assert max(abs(a - b) / (1 + abs(b)) for a, b in zip(gpu, cpu)) < 1e-3
 
 
 def test_console_script_exit_status(tmp_path):
