@@ -110,6 +110,10 @@ def _cached(path: str, column: str):
     return _OPEN["pf"]
 
 
+def close_cached() -> None:
+    _OPEN.clear()
+
+
 def read_row_group(path: str, group: int, first_row: int, column: str) -> Rows:
     """All rows of one row group (what a worker reads for a row-group work item)."""
     table = _cached(path, column).read_row_group(group, columns=[column], use_threads=False)

@@ -44,6 +44,7 @@ import numpy as np
 from .atomic import check_output_free, commit_dataset, partial_paths, remove_partials
 from .encode import EncodedChunk, init_worker
 from .inputs import FORMATS, POLICIES, TEXT_MODES, BadInputError, Problem
+from .parquet_input import close_cached
 from .progress import Progress
 from .shards import ShardOutputs
 from .work import Shard, ShardStart, check_shard, encode_item, file_shards, iter_items
@@ -202,8 +203,11 @@ def _encode_in_order(items: Iterable, cfg: PreprocessConfig) -> Iterator[Encoded
     init_args = (cfg.tokenizer_model, cfg.json_key, cfg.split_sentences)
     if cfg.workers == 1:
         init_worker(*init_args)
-        for item in items:
-            yield (item, 0, None) if isinstance(item, ShardStart) else (None, item.disk_bytes, encode_item(item))
+        try:
+            for item in items:
+                yield (item, 0, None) if isinstance(item, ShardStart) else (None, item.disk_bytes, encode_item(item))
+        finally:
+            close_cached()  # the parquet file this process read row groups from
         return
     # spawn: workers start clean (no copy of torch/megatron state, no fork-with-threads
     # hazards) and import only numpy + sentencepiece.

@@ -325,6 +325,21 @@ def test_shard_outputs_resume_skips_finished_shards(tok, texts, tmp_path, capsys
     assert {p: (os.stat(p).st_ino, os.stat(p).st_mtime_ns) for p in done} == before
 
 
+def test_shard_markers_fingerprint_a_tokenizer_folder(tmp_path):
+    """A tokenizer can be a folder (tokenizer.json + config): its files make the fingerprint."""
+    from data_tools.shards import _sha256
+
+    d = tmp_path / "tok"
+    d.mkdir()
+    (d / "tokenizer.json").write_text("{}")
+    (d / "tokenizer_config.json").write_text("{}")
+    first = _sha256(str(d))
+    assert _sha256(str(d)) == first
+    (d / "tokenizer_config.json").write_text('{"eos_token": "x"}')
+    assert _sha256(str(d)) != first
+    assert _sha256(str(d / "tokenizer.json")) != first
+
+
 def test_merge_needs_every_shard(tok, texts, tmp_path, capsys):
     raw = _shard_inputs(tmp_path, texts)
     rc, line = _main_error(capsys, ["--input", str(raw), "--tokenizer", tok, "--output-prefix", str(tmp_path / "o"),
