@@ -217,6 +217,8 @@ def test_tiktoken_presets_by_name_and_sidecar(kinds, tmp_path):
                         ("pattern: '(unclosed'\nspecial_tokens: [<|endoftext|>]\n", "pattern does not compile"),
                         ("pattern: nanochat\nspecial_tokens: {'<|endoftext|>': 5}\n", "id 5 is also the rank"),
                         ("pattern: nanochat\nvocab_size: 10\n", "vocab_size 10 is smaller than the 409"),
+                        ("pattern: nanochat\nvocab_size: lots\n", "vocab_size must be an integer"),
+                        ("- nanochat\n", "expected a mapping of settings"),
                         ("pattern: [nanochat\n", "invalid YAML")]:
         side.write_text(text)
         with pytest.raises(ValueError, match=match):

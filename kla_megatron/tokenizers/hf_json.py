@@ -58,10 +58,8 @@ class HFTokenizerJSON(Tokenizer):
         self.tok.no_truncation()
         self.tok.no_padding()
         vocab = self.tok.get_vocab(with_added_tokens=True)
-        self._vocab = vocab
         self.vocab_size = max(vocab.values()) + 1
         side, cfg = read_sidecar(self.path, SIDECAR_KEYS), read_config(self.path)
-        self._config = cfg
         self.eod = self._pick(vocab, side.get("eod"), _token_name(cfg.get("eos_token")), EOD_NAMES, "EOD")
         bos_name = side.get("bos") or _token_name(cfg.get("bos_token"))
         bos_name = bos_name or next((n for n in BOS_NAMES if n in vocab), None)

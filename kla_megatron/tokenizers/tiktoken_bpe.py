@@ -162,7 +162,9 @@ class TiktokenBPE(Tokenizer):
         except ValueError as e:
             raise ValueError(f"{where}: the pattern does not compile ({str(e).splitlines()[0]})") from None
         n_ids = max([first_free - 1, *self.specials.values()]) + 1
-        self.vocab_size = int(side.get("vocab_size", n_ids))
+        self.vocab_size = side.get("vocab_size", n_ids)
+        if not isinstance(self.vocab_size, int) or isinstance(self.vocab_size, bool):
+            raise ValueError(f"{where}: vocab_size must be an integer, got {self.vocab_size!r}")
         if self.vocab_size < n_ids:
             raise ValueError(f"{where}: vocab_size {self.vocab_size} is smaller than the {n_ids} ids in use")
         self.eod = self._special(side.get("eod", preset_eod), "EOD", where)
