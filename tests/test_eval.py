@@ -213,6 +213,28 @@ def test_bad_input_is_one_line(tmp_path, main_job, main_hf, capsys):  # noqa: F8
     assert not (tmp_path / "out").exists()
 
 
+def test_reference_weights_score_as_their_export(main_job, tmp_path):  # noqa: F811
+    """The paper's reference weights (the golden .npz, 97 ids) score as their kla-convert
+    reference-to-hf export, with a character tokenizer small enough for the vocabulary."""
+    import sentencepiece as spm
+
+    from kla_megatron.checkpoint import cli as convert
+
+    texts = [json.loads(line)["text"] for line in open(main_job["jsonl"])][:30]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter("\n".join(texts).split("\n")),
+                                   model_prefix=str(tmp_path / "chars"), vocab_size=90, model_type="char",
+                                   character_coverage=0.98, minloglevel=2)
+    golden = REPO / "tests" / "golden" / "kla_ref_model.npz"
+    assert convert.main(["reference-to-hf", str(golden), str(tmp_path / "hf")]) == 0
+    common = ("--tasks", "kla_mc,kla_lambada", "--include-path", TASKS_DIR, "--tokenizer", tmp_path / "chars.model",
+              "--batch-size", 4, "--log-samples", "--device", "cpu")
+    assert _eval(golden, *common, "--output", tmp_path / "ref") == 0
+    assert _eval(tmp_path / "hf", *common, "--output", tmp_path / "exported") == 0
+    assert json.loads((tmp_path / "ref" / "results.json").read_text())["kla_eval"]["kind"] == "reference"
+    ref, exported = _samples(tmp_path / "ref"), _samples(tmp_path / "exported")
+    assert len(ref["kla_mc"]) == 10 and ref == exported
+
+
 @pytest.mark.gpu
 def test_cuda_scores_match_cpu(scored, main_hf, tmp_path):  # noqa: F811
     """On a GPU (Triton kernels, fp32 weights) the per-example log-likelihoods are the CPU's up to
