@@ -373,7 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bpe/unigram: a sentencepiece .model; byte-bpe: a byte-level BPE as a tiktoken rank file "
                         "+ sidecar (GPT-4/nanochat style)")
     p.add_argument("--pattern", default="nanochat",
-                   help="byte-bpe: pre-tokenizer, a preset (gpt2, cl100k_base, o200k_base, llama3, nanochat) or a regex")
+                   help="byte-bpe: pre-tokenizer, a preset (gpt2, cl100k_base, o200k_base, llama3, nanochat) "
+                        "or a regex")
     p.add_argument("--special-tokens", nargs="+", default=["<|endoftext|>"],
                    help="byte-bpe: special tokens, ids after the ranks; the first is the EOD token")
     p.add_argument("--vocab-size", type=int, default=32000)
@@ -418,7 +419,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     td = desc["training_data"]
     files = "/".join(output_suffixes(TokenizerConfig(**cfg_kwargs)))
-    lines = "" if desc["model_type"] == "byte-bpe" else f", {td['sentences_sampled']}/{td['sentences_seen']} lines sampled"
+    lines = ("" if desc["model_type"] == "byte-bpe"
+             else f", {td['sentences_sampled']}/{td['sentences_seen']} lines sampled")
     print(f"wrote {cfg_kwargs['output_prefix']}{files}: {desc['model_type']} vocab {desc['vocab_size']}, "
           f"{td['documents']} documents{lines}, "
           f"{sum(td['skipped'].values())} bad documents skipped, round trip "

@@ -131,7 +131,8 @@ def test_dataset_training_and_export_ids_agree(kinds, kind, tmp_path):
     jsonl = tmp_path / "tricky.jsonl"
     jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in TRICKY))
     summary = preprocess(PreprocessConfig(inputs=[str(jsonl)], tokenizer_model=path, progress=False,
-                                          output_prefix=str(tmp_path / "ds"), workers=1 if kind == "sentencepiece" else 2))
+                                          output_prefix=str(tmp_path / "ds"),
+                                          workers=1 if kind == "sentencepiece" else 2))
     dataset = _dataset_docs(summary.dataset_prefix)
     from data_tools.inspect_dataset import inspect_dataset
 

@@ -68,7 +68,7 @@ def _spell(token: bytes) -> str:
     return "".join(table[b] for b in token)
 
 
-def tiktoken_to_hf(tok) -> "tokenizers.Tokenizer":  # noqa: F821
+def tiktoken_to_hf(tok):
     """The ``tokenizers.Tokenizer`` of a ``tiktoken_bpe.TiktokenBPE``."""
     from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
 
@@ -96,7 +96,7 @@ def tiktoken_to_hf(tok) -> "tokenizers.Tokenizer":  # noqa: F821
     return hf
 
 
-def hf_json_for_export(tok) -> "tokenizers.Tokenizer":  # noqa: F821
+def hf_json_for_export(tok):
     """The ``tokenizer.json`` of an ``hf_json.HFTokenizerJSON`` without token-adding post-processing."""
     from tokenizers import Tokenizer as HFTokenizer
 

@@ -24,7 +24,7 @@ import base64
 import binascii
 import os
 import re
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional
 
 from .base import Tokenizer, file_sha, read_sidecar, sidecar_path
 
