@@ -156,6 +156,8 @@ def test_dataset_training_and_export_ids_agree(kinds, kind, tmp_path):
     assert exported == training
     assert [hf.decode(ids[:-1]) for ids in exported] == TRICKY
     assert len(hf) <= train_tok.vocab_size
+    with pytest.raises(ValueError, match=f"has {train_tok.vocab_size} tokens but the model's vocab_size is 256"):
+        export_tokenizer(path, tmp_path / "small", max_vocab=256)  # kla-convert passes the model's vocab_size
     # The exported folder is itself a tokenizer our loader reads, with the same EOD.
     again = tokenizers.load(str(out))
     assert again.eod == train_tok.eod and again.encode(TRICKY[4]) == training[4][:-1]

@@ -59,7 +59,7 @@ def export_hf(state: Dict[str, torch.Tensor], config: modeling_kla.KLAConfig, ou
     if dtype is not None:
         config.dtype = str(dtype).replace("torch.", "")
     if tokenizer_model is not None:  # checked (and written) first: a bad tokenizer leaves no half export
-        export_tokenizer(tokenizer_model, out_dir)
+        export_tokenizer(tokenizer_model, out_dir, max_vocab=config.vocab_size)
     _save_tensors(state, out_dir, max_shard_size)
     _normal_permissions(out_dir)
     config.save_pretrained(str(out_dir))
@@ -79,15 +79,20 @@ def _normal_permissions(out_dir: Path) -> None:
             os.chmod(f, 0o666 & ~umask)
 
 
-def export_tokenizer(model_file, out_dir) -> None:
+def export_tokenizer(model_file, out_dir, max_vocab: Optional[int] = None) -> None:
     """The training tokenizer (any ``kla_megatron.tokenizers`` kind) as a standard transformers
     tokenizer (``tokenizer.json`` + ``PreTrainedTokenizerFast``, no custom code; the ids our data
     pipeline produces: no BOS/EOS added). A sentencepiece ``.model`` is converted by
     ``hf_tokenizer.py`` (and copied as ``tokenizer.model``); a ``tokenizer.json`` or a tiktoken
-    rank file by ``kla_megatron/tokenizers/hf_export.py``."""
+    rank file by ``kla_megatron/tokenizers/hf_export.py``. ``max_vocab``: the model's vocabulary
+    size, which must hold every id of the tokenizer."""
     from kla_megatron import tokenizers
 
     kind, file = tokenizers.detect_kind(model_file)
+    n_tokens = tokenizers.load(file).vocab_size
+    if max_vocab is not None and n_tokens > max_vocab:
+        raise ValueError(f"tokenizer {model_file} has {n_tokens} tokens but the model's vocab_size is {max_vocab}: "
+                         "not the tokenizer this model was trained with")
     if kind == "sentencepiece":
         from .hf_tokenizer import export
 
