@@ -6,5 +6,5 @@
 - ``checkpoint``: atomic checkpoint directories, latest-complete discovery, retention, RNG.
 - ``data``: megatron-core datasets, per-rank micro-batches, packed-document boundaries.
 - ``param_groups``, ``schedule``, ``metrics``, ``preemption``, ``model_factory``: the pieces.
-- ``tokenizer``: the sentencepiece adapter (written with ``data_tools``).
+- ``tokenizer``: megatron-core's view of any ``kla_megatron.tokenizers`` kind (the loader ``data_tools`` uses).
 """

@@ -26,7 +26,7 @@ class Datasets:
 
 def _tokenizer(run: RunConfig, vocab_size: int):
     if run.data.kind == "indexed":
-        from .tokenizer import load_tokenizer  # written with data_tools (sentencepiece adapter)
+        from .tokenizer import load_tokenizer  # the loader kla-preprocess used: same ids, same EOD
 
         tok = load_tokenizer(run.data.tokenizer)
         if tok.vocab_size > vocab_size:
