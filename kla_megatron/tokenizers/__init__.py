@@ -3,17 +3,15 @@ trainer's ``data.tokenizer``, ``kla-convert megatron-to-hf`` and evaluation.
 
 ``load(path)`` picks the kind from the path (``detect_kind``) and returns a ``base.Tokenizer``:
 
-=================  ==============================================  ===================================
-kind               path                                            EOD appended after every document
-=================  ==============================================  ===================================
-``sentencepiece``  a ``.model`` (protobuf) from kla-train-tokenizer  the EOS piece (``</s>``)
-``hf``             ``tokenizer.json``, or a folder holding one     ``eos_token`` of the folder's
-                                                                   ``tokenizer_config.json``, else
-                                                                   ``<|endoftext|>``/``</s>``/...
-``tiktoken``       a tiktoken rank file (``*.tiktoken``, Llama 3's   the preset's (``<|endoftext|>``,
-                   ``tokenizer.model``), pattern and specials from   ``<|end_of_text|>``, nanochat's
-                   a preset or the ``<file>.yaml`` sidecar           ``<|bos|>``) or the sidecar's
-=================  ==============================================  ===================================
+- ``sentencepiece``: a ``.model`` (protobuf) from kla-train-tokenizer
+  (``sentencepiece_model.py``). EOD: the EOS piece (``</s>``).
+- ``hf``: a Hugging Face ``tokenizer.json``, or a folder holding one (``hf_json.py``). EOD: the
+  sidecar's ``eod``, else ``eos_token`` of the ``tokenizer_config.json`` beside it, else the
+  first of ``<|endoftext|>``, ``<|end_of_text|>``, ``</s>``... in the vocabulary.
+- ``tiktoken``: a tiktoken BPE rank file (``*.tiktoken``, Llama 3's ``tokenizer.model``), its
+  pattern and special tokens from a preset or the ``<file>.yaml`` sidecar (``tiktoken_bpe.py``).
+  EOD: the preset's (``<|endoftext|>``, Llama 3's ``<|end_of_text|>``, nanochat's ``<|bos|>``) or
+  the sidecar's ``eod``.
 
 For every kind: ids are the text's alone, no BOS is ever prepended (the model is trained on
 ``doc EOD doc EOD ...``), and a special token spelled out inside a document (say a web page
