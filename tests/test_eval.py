@@ -27,9 +27,18 @@ def _offline(monkeypatch):
 
 
 def _eval(*argv):
+    """kla-eval in this process (the imports are paid once); the environment it sets for quiet
+    libraries is undone afterwards."""
+    import os
+
     from kla_megatron.evaluation import cli
 
-    return cli.main([str(a) for a in argv])
+    saved = dict(os.environ)
+    try:
+        return cli.main([str(a) for a in argv])
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def _samples(out: Path) -> dict:

@@ -95,16 +95,18 @@ def _device(name):
 
 
 def evaluate(args) -> dict:
-    import torch
-    from lm_eval import simple_evaluate
-
-    from . import loading, report
-    from .lm import KLAEvalLM
+    from . import loading
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be ≥ 1, got {args.batch_size}")
+    loading.source_kind(Path(args.checkpoint))  # a wrong path fails before lm-eval and its task index load
+    import torch
+    from lm_eval import simple_evaluate
+
+    from . import report
+    from .lm import KLAEvalLM
+
     device = _device(args.device)
-    loading.source_kind(Path(args.checkpoint))  # a missing checkpoint fails before the task index is built
     manager = task_manager(args.tasks, args.include_path)
     loaded = loading.load(args.checkpoint, iteration=args.iteration, tokenizer=args.tokenizer,
                           run_config=args.config, model_config=args.model_config, norm_eps=args.norm_eps)
