@@ -216,6 +216,11 @@ def test_bad_input_is_one_line(tmp_path, main_job, main_hf, capsys):  # noqa: F8
     shutil.copytree(main_hf[1], bare, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*"))
     msg = _one_line_error(capsys, _eval(bare, *common))
     assert "has no tokenizer files" in msg and "--tokenizer" in msg
+    (tmp_path / "a_file").write_text("")
+    msg = _one_line_error(capsys, _eval(main_hf[1], *common[:4], "--output", tmp_path / "a_file" / "out"))
+    assert "cannot create or write files in" in msg and "a_file" in msg
+    msg = _one_line_error(capsys, _eval(main_hf[1], *common[:4], "--output", tmp_path / "a_file"))
+    assert "is a file, not a directory" in msg
     golden = REPO / "tests" / "golden" / "kla_ref_model.npz"  # reference weights: 97 ids, our tokenizer has 512
     msg = _one_line_error(capsys, _eval(golden, *common, "--tokenizer", main_job["tokenizer"]))
     assert "does not fit the model" in msg and "97" in msg

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -94,12 +95,22 @@ def _device(name):
     return name
 
 
+def check_output(out: Path) -> None:
+    """ValueError now, not after the evaluation, when ``out`` cannot become the results directory."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output {out} is a file, not a directory")
+    existing = next(p for p in (out, *out.resolve().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--output {out}: cannot create or write files in {existing}")
+
+
 def evaluate(args) -> dict:
     from . import loading
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be ≥ 1, got {args.batch_size}")
     loading.source_kind(Path(args.checkpoint))  # a wrong path fails before lm-eval and its task index load
+    check_output(Path(args.output))
     import torch
     from lm_eval import simple_evaluate
 
@@ -142,7 +153,6 @@ def _one_line(exc: BaseException) -> str:
 def _quiet(verbose: bool) -> None:
     """megatron-core's expected fallbacks (as kla-pretrain); lm-eval and transformers progress
     notices unless --verbose."""
-    import os
     import warnings
 
     from kla_megatron.train import HARMLESS_WARNINGS
