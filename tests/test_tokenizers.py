@@ -428,3 +428,20 @@ def test_train_byte_bpe_writes_a_tiktoken_tokenizer(tmp_path):
     assert main([*argv, "--output-prefix", str(tmp_path / "a")]) == 1  # outputs exist: no --overwrite
     assert main([*argv[:5], "300", "--special-tokens", "<|endoftext|>", "--num-threads", "1",
                  "--output-prefix", str(tmp_path / "c"), "--pattern", "(unclosed"]) == 1
+
+
+def test_llama3_rank_file_is_recognised(tmp_path):
+    """A 128,000-rank tokenizer.model in tiktoken format (Llama 3's) gets the llama3 preset:
+    256 special tokens after the ranks, EOD <|end_of_text|>, BOS <|begin_of_text|>."""
+    import base64
+    import itertools
+
+    pairs = (bytes(p) for p in itertools.product(range(256), repeat=2))
+    triples = (bytes(p) for p in itertools.product(range(32, 127), repeat=3))  # printable ascii
+    tokens = [bytes([b]) for b in range(256)] + list(itertools.islice(itertools.chain(pairs, triples), 128000 - 256))
+    (tmp_path / "tokenizer.model").write_text("".join(f"{base64.b64encode(t).decode()} {r}\n"
+                                                      for r, t in enumerate(tokens)))
+    tok = tokenizers.load(str(tmp_path))
+    assert (tok.kind, tok.vocab_size, tok.eod, tok.bos) == ("tiktoken", 128256, 128001, 128000)
+    assert tok.id_to_piece(128009) == "<|eot_id|>" and tok.id_to_piece(128255) == "<|reserved_special_token_246|>"
+    assert tok.decode(tok.encode("Hello  world\n")) == "Hello  world\n"
