@@ -11,12 +11,12 @@ import time
 def _inputs(B, L, H, P, S, dtype, gen):
     import torch
 
-    from kla_megatron.ops.kla import discretize
+    from kla_megatron.ops.kla_core import discretize, precision_from_log_var
 
     k = torch.nn.functional.normalize(torch.randn(B, L, H, S, generator=gen), dim=-1)
     q = torch.nn.functional.normalize(torch.randn(B, L, H, S, generator=gen), dim=-1)
     v = torch.randn(B, L, H, P, generator=gen)
-    lambda_v = 1 / (torch.nn.functional.softplus(torch.randn(B, L, H, P, generator=gen)) + 1e-4)
+    lambda_v = precision_from_log_var(torch.randn(B, L, H, P, generator=gen))
     A_log = torch.zeros(H, P, S)
     delta_raw = torch.empty(H, P, S).uniform_(-6.9, -2.3, generator=gen)
     a, p = discretize(A_log, delta_raw, torch.full((H, P, S), 0.01))
@@ -31,6 +31,7 @@ def main(argv=None):
     import torch  # after parsing: --help answers without loading torch
 
     from kla_megatron.ops.kla import kla_decode_step, kla_scan
+    from kla_megatron.ops.kla_core import default_state
 
     gen = torch.Generator().manual_seed(0)
     B, L, H, P, S = 2, args.length, args.heads, 16, 8
@@ -51,7 +52,7 @@ def main(argv=None):
     packed = kla_scan(*[t[:1] for t in x32[:4]], *x32[4:], cu_seqlens=cu, output_final_state=True)
     print(f"packed: 2 documents in one row -> final states {tuple(packed[2][0].shape)}")
 
-    state = (torch.ones(B, H, P, S), torch.zeros(B, H, P, S))
+    state = default_state((B, H, P, S))
     for t in range(L):
         y_t, _, state = kla_decode_step(*[z[:, t] for z in x32[:4]], *x32[4:], state)
     dec_err = ((y_t - out[0][:, -1]).norm() / out[0][:, -1].norm()).item()

@@ -1,5 +1,5 @@
-"""Hugging Face directories: export (safetensors + config.json with ``auto_map`` + the one-file
-modeling code + tokenizer) and a checked import (clear errors for a wrong config, missing
+"""Hugging Face directories: export (safetensors + config.json with ``auto_map`` + the modeling
+code + tokenizer) and a checked import (clear errors for a wrong config, missing
 shards, truncated safetensors files, missing/unexpected/mis-shaped tensors)."""
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ from typing import Dict, Optional
 import torch
 
 from kla_megatron.hf import modeling_kla
+from kla_megatron.ops import kla_core
 
-MODELING_FILE = Path(modeling_kla.__file__)
+MODELING_FILES = (Path(modeling_kla.__file__), Path(kla_core.__file__))
+"""Copied into every export: ``modeling_kla.py`` imports ``kla_core.py`` from its own directory."""
 AUTO_MAP = {"AutoConfig": "modeling_kla.KLAConfig", "AutoModelForCausalLM": "modeling_kla.KLAForCausalLM"}
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -63,7 +65,8 @@ def export_hf(state: Dict[str, torch.Tensor], config: modeling_kla.KLAConfig, ou
     _save_tensors(state, out_dir, max_shard_size)
     _normal_permissions(out_dir)
     config.save_pretrained(str(out_dir))
-    shutil.copyfile(MODELING_FILE, out_dir / MODELING_FILE.name)
+    for source in MODELING_FILES:
+        shutil.copyfile(source, out_dir / source.name)
     return out_dir
 
 

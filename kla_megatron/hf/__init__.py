@@ -1,6 +1,13 @@
-"""Hugging Face model (``KLAConfig``, ``KLAForCausalLM``). ``modeling_kla.py`` is one
-self-contained file: it travels with every exported checkpoint."""
-from .modeling_kla import KLACache, KLAConfig, KLAForCausalLM
+"""Hugging Face model (``KLAConfig``, ``KLAForCausalLM``). ``modeling_kla.py`` travels with every
+exported checkpoint, next to a copy of ``kla_megatron/ops/kla_core.py`` that it imports as
+``.kla_core``; here that name is the package's own module, so the two share one source."""
+import sys
+
+from kla_megatron.ops import kla_core
+
+sys.modules[f"{__name__}.kla_core"] = kla_core  # what `from .kla_core import ...` in modeling_kla.py finds
+
+from .modeling_kla import KLACache, KLAConfig, KLAForCausalLM  # noqa: E402  (after the alias)
 
 __all__ = ["KLAConfig", "KLAForCausalLM", "KLACache"]
 

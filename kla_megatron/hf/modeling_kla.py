@@ -1,11 +1,13 @@
 """Hugging Face ``KLAConfig`` / ``KLAForCausalLM``: the kla-megatron network in plain PyTorch.
 
-This file is self-contained on purpose: it is copied into every exported directory (with
+This file and ``kla_core.py`` (the layer's math in plain PyTorch: constants, discretisation,
+sensors, the filter step, the causal conv) are copied into every exported directory (with
 ``auto_map`` in config.json) so that ``AutoModelForCausalLM.from_pretrained(path,
-trust_remote_code=True)`` works on a machine without our package. It imports only torch and
-transformers. When ``kla_megatron`` is importable, the KLA filter runs through its
-``kla_scan`` / ``kla_decode_step`` kernels (Triton on GPU); otherwise through the sequential
-PyTorch filter below (same math, docs/kla.md#filter, information form).
+trust_remote_code=True)`` works on a machine without our package. They import only torch and
+transformers. In the package, ``.kla_core`` is ``kla_megatron/ops/kla_core.py`` (aliased by
+``kla_megatron/hf/__init__.py``): one source for both. When ``kla_megatron`` is importable, the
+KLA filter runs through its ``kla_scan`` / ``kla_decode_step`` kernels (Triton on GPU);
+otherwise through the sequential filter of ``kla_core`` (same math, docs/kla.md#filter).
 
 The network (same as ``kla_megatron.models.KLAModel`` at TP = PP = 1): embedding → one layer
 per ``layer_pattern`` symbol (``K`` KLA mixer, ``*`` causal self-attention with RoPE/GQA, ``-``
@@ -40,6 +42,10 @@ from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 from transformers.utils import generic as _generic
 
+from .kla_core import (DT_INIT_FLOOR, DT_MAX, DT_MIN, LAMBDA_SKIP_INIT, P_INIT, default_state, dynamics,
+                       filter_scan, filter_step, initial_delta_raw, state_dtype, torch_causal_conv1d,
+                       torch_sensor_activations)
+
 try:  # our kernels when the package is installed; the exported file must not need them
     from kla_megatron.ops.kla import kla_decode_step as _pkg_decode_step
     from kla_megatron.ops.kla import kla_scan as _pkg_scan
@@ -47,10 +53,6 @@ except ImportError:
     _pkg_scan = _pkg_decode_step = None
 
 _CACHE_FIELD = "cache" if hasattr(_generic, "_rename_kwargs_for_bc") else "past_key_values"
-OBS_VAR_MIN = 1e-4
-P_MIN = 1e-7
-DELTA_EPS = 1e-7
-L2_EPS = 1e-12
 LAYER_SYMBOLS = "K*-"
 
 
@@ -121,35 +123,6 @@ class KLAConfig(PretrainedConfig):
 # ---------------------------------------------------------------------- the filter
 
 
-def discretize(A_log, delta_raw, p):
-    """(A_log, Δ_raw, p) → (ā, p̄), Ornstein–Uhlenbeck (docs/kla.md#discretisation)."""
-    rate = torch.exp(A_log)
-    delta = F.softplus(delta_raw) + DELTA_EPS
-    return torch.exp(-delta * rate), p / (2 * rate) * (-torch.expm1(-2 * rate * delta))
-
-
-def filter_step(v, lambda_v, k, q, a, p, lam, eta):
-    """One token of the filter. v, lambda_v [B, H, P]; k, q [B, H, S]; a, p [H, P, S];
-    lam, eta [B, H, P, S] (state dtype). Returns y, y_var [B, H, P] and the new (lam, eta)."""
-    v, lambda_v, k, q = (x.to(lam.dtype) for x in (v, lambda_v, k, q))
-    d = a * a + p * lam
-    lam = lam / d + lambda_v[..., None] * (k * k)[:, :, None, :]
-    eta = (a / d) * eta + (v * lambda_v)[..., None] * k[:, :, None, :]
-    qe = q[:, :, None, :]
-    return (qe * eta / lam).sum(-1), (qe * qe / lam).sum(-1), lam, eta
-
-
-def builtin_scan(v, lambda_v, k, q, a, p, state):
-    """Sequential filter over [B, L, ...] inputs from ``state``; returns y, y_var [B, L, H, P], state."""
-    lam, eta = state
-    ys, yvars = [], []
-    for t in range(v.shape[1]):
-        y, y_var, lam, eta = filter_step(v[:, t], lambda_v[:, t], k[:, t], q[:, t], a, p, lam, eta)
-        ys.append(y)
-        yvars.append(y_var)
-    return torch.stack(ys, 1), torch.stack(yvars, 1), (lam, eta)
-
-
 def run_filter(v, lambda_v, k, q, a, p, state, backend):
     """Dispatch: our package's kernels when importable (and not ``backend="builtin"``)."""
     use_pkg = _pkg_scan is not None and backend != "builtin"
@@ -163,7 +136,8 @@ def run_filter(v, lambda_v, k, q, a, p, state, backend):
     if use_pkg:
         return _pkg_scan(v, lambda_v, k, q, a, p, initial_state=state, output_final_state=True, backend=backend,
                          check_values=False)
-    return builtin_scan(v, lambda_v, k, q, a, p, state)
+    y, y_var, lam, eta = filter_scan(v, lambda_v, k, q, a, p, *state)
+    return y, y_var, (lam, eta)
 
 
 def run_filter_lengths(v, lambda_v, k, q, a, p, state, backend, lengths=None):
@@ -275,28 +249,13 @@ class KLAMixer(nn.Module):
         self.conv_bias = nn.Parameter(torch.zeros(M))
         self.sensor_weight = nn.Parameter(torch.randn(H, self.w_v + self.w_var + 2 * S, self.P) * 0.02)
         self.var_expand = nn.Parameter(torch.randn(H, self.P, self.w_var) * 0.02) if self.preset == "mamba" else None
-        dt = torch.exp(torch.rand(H, self.P, S) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp_min(1e-4)
-        self.delta_raw = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        # The megatron mixer's initial values (KLAMixerConfig's defaults); loading weights replaces them.
+        dt_range = (getattr(config, name, default) for name, default in
+                    (("dt_min", DT_MIN), ("dt_max", DT_MAX), ("dt_init_floor", DT_INIT_FLOOR)))
+        self.delta_raw = nn.Parameter(initial_delta_raw((H, self.P, S), *dt_range).float())
         self.A_log = nn.Parameter(torch.zeros(H, self.P, S))
-        self.p = nn.Parameter(torch.full((H, self.P, S), 0.01))
-        self.lambda_skip = nn.Parameter(torch.tensor(-1.0))
-
-    def _conv(self, x, window, lengths=None):
-        """Causal depthwise conv of x [b, s, M] after the K-1 inputs in ``window`` [b, M, K-1].
-        The new window holds the K-1 inputs before row position ``lengths`` (default s)."""
-        b, s, M = x.shape
-        K = self.K
-        if window is None:
-            window = x.new_zeros(b, M, K - 1)
-        padded = torch.cat([window.transpose(1, 2).to(x.dtype), x], dim=1)
-        w = self.conv_weight.to(x.dtype)[:, 0, :]
-        y = self.conv_bias.to(x.dtype).expand(b, s, M)
-        for lag in range(K):
-            y = y + padded[:, K - 1 - lag : K - 1 - lag + s] * w[:, K - 1 - lag]
-        if lengths is None:
-            return y, padded[:, s:].transpose(1, 2)
-        idx = lengths[:, None] + torch.arange(K - 1, device=x.device)  # padded index of input t is t + K-1
-        return y, padded.gather(1, idx[..., None].expand(-1, -1, M)).transpose(1, 2)
+        self.p = nn.Parameter(torch.full((H, self.P, S), getattr(config, "p_init", P_INIT)))
+        self.lambda_skip = nn.Parameter(torch.tensor(getattr(config, "lambda_skip_init", LAMBDA_SKIP_INIT)))
 
     def _sensors(self, z):
         b, s, _ = z.shape
@@ -306,10 +265,7 @@ class KLAMixer(nn.Module):
         if self.preset == "mamba":
             v = zh
             log_var = torch.einsum("bshr,hpr->bshp", log_var, self.var_expand.to(z.dtype))
-        dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
-        lambda_v = 1.0 / (F.softplus(log_var.to(dtype)) + OBS_VAR_MIN)
-        k, q = (x.to(dtype) / x.to(dtype).norm(dim=-1, keepdim=True).clamp_min(L2_EPS) for x in (k, q))
-        return v.to(dtype), lambda_v, k, q
+        return torch_sensor_activations(v, log_var, k, q, dtype=state_dtype(z))
 
     def forward(self, x, layer_cache=None, want_variance=False, mask=None):
         """x [b, s, D] → out [b, s, D], out_var or None, new layer cache. ``mask`` [b, s] (True = real
@@ -324,14 +280,12 @@ class KLAMixer(nn.Module):
         z, gate = self.in_proj(x).split(self.M, dim=-1)
         b, s, _ = z.shape
         window, state = layer_cache if layer_cache is not None else (None, None)
-        z, window = self._conv(z, window, lengths)
-        z = F.silu(z)
+        z, window = torch_causal_conv1d(z, self.conv_weight, self.conv_bias, window=window, activation="silu",
+                                        lengths=lengths)
         v, lambda_v, k, q = self._sensors(z)
-        dtype = torch.float64 if self.A_log.dtype == torch.float64 else torch.float32
-        a, p = discretize(self.A_log.to(dtype), self.delta_raw.to(dtype), self.p.to(dtype).clamp_min(P_MIN))
+        a, p = dynamics(self.A_log, self.delta_raw, self.p)
         if state is None:
-            shape = (b, self.H, self.P, self.S)
-            state = (torch.ones(shape, dtype=dtype, device=x.device), torch.zeros(shape, dtype=dtype, device=x.device))
+            state = default_state((b, self.H, self.P, self.S), dtype=a.dtype, device=x.device)
         with torch.autocast(device_type=x.device.type, enabled=False):
             y, y_var, state = run_filter_lengths(v, lambda_v, k, q, a, p, state, self.backend, lengths)
         y = y.reshape(b, s, self.M).to(z.dtype) + self.lambda_skip.to(z.dtype) * z

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from ..ops.kla import kla_scan, triton_available
 from ..ops.kla import transform as tr
 from ..ops.kla.carry import adjoint_to_info, apply_adjoint_map, chunk_transforms, end_adjoint_maps
+from ..ops.kla_core import default_state, state_dtype
 from .sharding import check_layout, chunk_ids, num_chunks
 
 State = Tuple[torch.Tensor, torch.Tensor]
@@ -189,13 +190,13 @@ class _CPKLAScan(torch.autograd.Function):
     def forward(ctx, v, lambda_v, k, q, a, p, lam0, eta0, group, layout, cu_list, backend, want_final, track):
         cp_size, cp_rank = dist.get_world_size(group), dist.get_rank(group)
         pieces = _plan(v.shape[1], cp_rank, cp_size, layout, cu_list)
-        state_dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
+        work_dtype = state_dtype(a)
 
         # 1-2. transforms of the local chunks, one all-gather.
         transforms, _ = _carry_ops(backend, v.device)
         vlv = v * lambda_v
         local_t = torch.stack([_piece_transform(pc, vlv, lambda_v, k, a, p, lam0, eta0, transforms) for pc in pieces])
-        by_chunk = _by_chunk(_exchange(local_t.to(state_dtype), group), cp_size, layout)
+        by_chunk = _by_chunk(_exchange(local_t.to(work_dtype), group), cp_size, layout)
 
         # 3. exclusive prefix in global chunk order; chunk 0 starts with a reset, so the
         #    placeholder state (1, 0) never reaches a result.
@@ -352,8 +353,7 @@ def cp_kla_scan(
     cu_list = None if cu_seqlens is None else [int(x) for x in cu_seqlens.tolist()]
     n_seq = B if cu_list is None else len(cu_list) - 1
     if initial_state is None:
-        lam0 = a.new_ones(n_seq, H, P, S)
-        eta0 = a.new_zeros(n_seq, H, P, S)
+        lam0, eta0 = default_state((n_seq, H, P, S), dtype=a.dtype, device=a.device)
     else:
         lam0, eta0 = initial_state
         if tuple(lam0.shape) != (n_seq, H, P, S) or tuple(eta0.shape) != (n_seq, H, P, S):

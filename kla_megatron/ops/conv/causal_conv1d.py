@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .torch_conv import torch_causal_conv1d
+from ..kla_core import torch_causal_conv1d
 
 BACKENDS = ("auto", "torch", "triton")
 ACTIVATIONS = (None, "silu")

@@ -338,7 +338,7 @@ _fwd_op.register_autograd(_backward, setup_context=_setup)
 
 def triton_causal_conv1d(x, weight, bias=None, *, window=None, position_in_doc=None, activation=None):
     """Triton backend of :func:`kla_megatron.ops.conv.causal_conv1d` (inputs already checked)."""
-    from .torch_conv import new_window
+    from ..kla_core import new_window
 
     K = weight.shape[-1]
     if x.dtype == torch.float64:

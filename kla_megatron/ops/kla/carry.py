@@ -30,14 +30,11 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..kla_core import state_dtype
 from . import transform as tr
 
 State = Tuple[torch.Tensor, torch.Tensor]
 MM, MS, SS = range(3)  # Q entries: dmu/dmu, dmu/dsigma, dsigma/dsigma
-
-
-def _compute_dtype(a: torch.Tensor) -> torch.dtype:
-    return torch.float64 if a.dtype == torch.float64 else torch.float32
 
 
 def _reduce_time(t: torch.Tensor) -> torch.Tensor:
@@ -86,7 +83,7 @@ def chunk_transforms(
         ``[7, N, H, P, S]`` (N = B, or the number of documents), fp32 (fp64 for fp64 ``a``).
         ``transform.apply(T, lam0, eta0)`` is the state after the sequence from ``(lam0, eta0)``.
     """
-    dtype = _compute_dtype(a)
+    dtype = state_dtype(a)
     v_lambda_v, lambda_v, k, a, p = (x.to(dtype) for x in (v_lambda_v, lambda_v, k, a, p))
     segments = _segments(cu_seqlens, v_lambda_v.shape[1])
     if segments is not None:
@@ -221,7 +218,7 @@ def end_adjoint_maps(
     Returns:
         ``(Q [3, N, H, P, S], o [2, N, H, P, S])`` in fp32 (fp64 for fp64 ``a``).
     """
-    dtype = _compute_dtype(a)
+    dtype = state_dtype(a)
     v, lambda_v, k, q, a, p, grad_y, grad_y_var = (
         x.to(dtype) for x in (v, lambda_v, k, q, a, p, grad_y, grad_y_var)
     )

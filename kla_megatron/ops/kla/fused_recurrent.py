@@ -1,8 +1,8 @@
 """One-token KLA step for decoding: O(1) work and memory per token.
 
-``torch_kla_step`` runs anywhere; ``triton_kla_step`` is the fused CUDA kernel (one
-launch per layer and token, state updated in fp32). Both share one signature and
-are tested against each other and against the scan.
+``triton_kla_step`` is the fused CUDA kernel (one launch per layer and token, state updated in
+fp32); elsewhere the step is ``filter_step`` of ``ops/kla_core.py``. Both share one signature
+and are tested against each other and against the scan.
 """
 from __future__ import annotations
 
@@ -13,21 +13,6 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only installs without Triton still get the PyTorch step.
     triton = None
-
-
-def torch_kla_step(v, lambda_v, k, q, a, p, lam, eta):
-    """Information-form step (docs/kla.md#filter). v, lambda_v [B, H, P]; k, q [B, H, S];
-    a, p [H, P, S]; lam, eta [B, H, P, S]. Returns y, y_var [B, H, P] and the new state."""
-    dtype = lam.dtype
-    v, lambda_v, k, q, a, p = (x.to(dtype) for x in (v, lambda_v, k, q, a, p))
-    k = k[:, :, None, :]
-    d = a * a + p * lam
-    lam = lam / d + lambda_v[..., None] * k * k
-    eta = (a / d) * eta + (v * lambda_v)[..., None] * k
-    qe = q[:, :, None, :]
-    y = (qe * eta / lam).sum(-1)
-    y_var = (qe * qe / lam).sum(-1)
-    return y, y_var, lam, eta
 
 
 if triton is not None:
@@ -68,7 +53,7 @@ if triton is not None:
 
 
 def triton_kla_step(v, lambda_v, k, q, a, p, lam, eta):
-    """Fused decode step; same contract as :func:`torch_kla_step` (state fp32, updated out of place)."""
+    """Fused decode step; same contract as ``kla_core.filter_step`` (state fp32, updated out of place)."""
     B, H, P = v.shape
     S = k.shape[-1]
     v, lambda_v, k, q, a, p, lam, eta = (x.contiguous() for x in (v, lambda_v, k, q, a, p, lam, eta))

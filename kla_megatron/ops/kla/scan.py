@@ -17,8 +17,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..kla_core import filter_step
 from .chunk_torch import torch_kla_scan
-from .fused_recurrent import torch_kla_step
 from .naive import naive_kla_scan
 from .recurrent import recurrent_kla_scan
 
@@ -216,5 +216,5 @@ def kla_decode_step(v, lambda_v, k, q, a, p, state: State, *, backend: str = "au
 
         y, y_var, lam, eta = triton_kla_step(v, lambda_v, k, q, a, p, lam, eta)
     else:
-        y, y_var, lam, eta = torch_kla_step(v, lambda_v, k, q, a, p, lam, eta)
+        y, y_var, lam, eta = filter_step(v, lambda_v, k, q, a, p, lam, eta)
     return y.to(v.dtype), y_var.to(v.dtype), (lam, eta)

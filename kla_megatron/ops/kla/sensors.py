@@ -5,6 +5,7 @@ The mixer's block-diagonal sensor projection emits, per token and head, ``[v | l
 
     Λv = 1/(softplus(log σ²_v) + OBS_VAR_MIN)        k̂ = k/max(‖k‖, L2_EPS)    q̂ likewise
 
+(``torch_sensor_activations`` in ``ops/kla_core.py``, the definition these kernels are tested against).
 Written as PyTorch ops this is a dozen elementwise kernels with fp32 copies of every
 per-token tensor kept for backward. :func:`sensor_activations` does it in one Triton kernel
 each way and keeps only the raw ``[log σ²_v | k | q]`` (in the I/O dtype) for the backward, which
@@ -21,32 +22,15 @@ from __future__ import annotations
 from typing import Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from ..kla_core import L2_EPS, OBS_VAR_MIN, torch_sensor_activations
 
 try:
     import triton
     import triton.language as tl
 except ImportError:  # pragma: no cover - Triton is Linux-only; the PyTorch path serves elsewhere
     triton = None
-
-OBS_VAR_MIN = 1e-4  # floor on the observation variance (the reference's `obs_var_min`)
-L2_EPS = 1e-12  # floor on ‖k‖, ‖q‖ before normalising
-
-
-def l2_normalize(x: Tensor) -> Tensor:
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(L2_EPS)
-
-
-def precision_from_log_var(log_var: Tensor) -> Tensor:
-    """Λv = 1/(softplus(log σ²_v) + OBS_VAR_MIN)."""
-    return 1.0 / (F.softplus(log_var) + OBS_VAR_MIN)
-
-
-def torch_sensor_activations(v: Tensor, log_var: Tensor, k: Tensor, q: Tensor, dtype=None):
-    """Reference (and general) form: any layout, computed in ``dtype`` (default: the inputs')."""
-    dtype = dtype or v.dtype
-    return v.to(dtype), precision_from_log_var(log_var.to(dtype)), l2_normalize(k.to(dtype)), l2_normalize(q.to(dtype))
 
 
 def _split(sens: Tensor, S: int):

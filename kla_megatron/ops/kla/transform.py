@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from ..kla_core import default_state, state_dtype
+
 A, B, C, D, E, F, G = range(7)
 
 
@@ -107,13 +109,13 @@ def exclusive_from_inclusive(t: torch.Tensor, dim: int) -> torch.Tensor:
 def working_inputs(v, lambda_v, k, q, a, p, initial_state, cu_seqlens):
     """The PyTorch scans' inputs in their working precision (fp32; float64 when ``a`` is float64)
     and the initial state, by default λ = 1, η = 0 for each sequence (row, or packed document)."""
-    dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
+    dtype = state_dtype(a)
     v, lambda_v, k, q, a, p = (x.to(dtype) for x in (v, lambda_v, k, q, a, p))
     B, _, H, P = v.shape
     S = k.shape[-1]
     n_seq = B if cu_seqlens is None else cu_seqlens.numel() - 1
     if initial_state is None:
-        state = (v.new_ones(n_seq, H, P, S), v.new_zeros(n_seq, H, P, S))
+        state = default_state((n_seq, H, P, S), dtype=dtype, device=v.device)
     else:
         state = tuple(s.to(dtype) for s in initial_state)
     return (v, lambda_v, k, q, a, p), state
