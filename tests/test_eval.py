@@ -117,9 +117,10 @@ def test_results_json_and_markdown(scored, main_job):  # noqa: F811
 
 
 def test_named_iteration(scored, main_job, tmp_path):  # noqa: F811
-    assert _eval(main_job["ck"], "--iteration", 2, "--tasks", "kla_lambada", "--include-path", TASKS_DIR, "--limit", 3,
+    assert _eval(main_job["ck"], "--iteration", 2, "--tasks", "kla_lamb*", "--include-path", TASKS_DIR, "--limit", 3,
                  "--tokenizer", main_job["tokenizer"], "--output", tmp_path, "--log-samples", "--device", "cpu") == 0
-    assert json.loads((tmp_path / "results.json").read_text())["kla_eval"]["iteration"] == 2
+    meta = json.loads((tmp_path / "results.json").read_text())["kla_eval"]
+    assert meta["iteration"] == 2 and meta["tasks"] == ["kla_lambada"] and meta["limit"] == 3  # the pattern expanded
     got = _samples(tmp_path)["kla_lambada"]
     assert got == _samples(scored["trainer_bs8"]["dir"])["kla_lambada"][:3]
 

@@ -86,6 +86,12 @@ def task_manager(names, include_paths):
     return manager
 
 
+def expand(manager, names):
+    """Task names with glob patterns (``arc_*``) expanded, in the order given, each once."""
+    found = [match for name in names for match in manager.match_tasks([name])]
+    return list(dict.fromkeys(found))
+
+
 def _device(name):
     import torch
 
@@ -119,6 +125,7 @@ def evaluate(args) -> dict:
 
     device = _device(args.device)
     manager = task_manager(args.tasks, args.include_path)
+    args.tasks = expand(manager, args.tasks)
     loaded = loading.load(args.checkpoint, iteration=args.iteration, tokenizer=args.tokenizer,
                           run_config=args.config, model_config=args.model_config, norm_eps=args.norm_eps)
     lm = KLAEvalLM(loaded.model, loaded.tokenizer, batch_size=args.batch_size, device=device,
