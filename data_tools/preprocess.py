@@ -177,7 +177,7 @@ class Summary:
             f"input          {self.input_bytes / 1e6:.2f} MB in {self.seconds:.2f} s "
             f"({d['mb_per_s']:.2f} MB/s, {d['docs_per_s']:.0f} docs/s)",
             f"skipped        {self.skipped_total}"
-            + "".join(f"\n  {k:<13}{v}" for k, v in sorted(self.skipped.items())),
+            + "".join(f"\n  {k:<16} {v}" for k, v in sorted(self.skipped.items())),
         ]
         if self.shards_total:
             m = self.merged
