@@ -146,3 +146,43 @@ def test_preemption_signal_checkpoints_requeues_and_resumes(slurm, tmp_path):
     assert min(step_lines(second)) == stop + 1 and max(step_lines(second)) == steps
     assert max(step_lines(first)) == stop
     assert (tmp_path / "ck" / f"iter_{steps:07d}" / "manifest.json").exists()
+
+
+@pytest.mark.slow
+def test_chained_submissions_resume_one_after_another(slurm, tmp_path):
+    """``kla-launch --chain 2``: the second job waits on the first (--dependency=afterany); the
+    first, signalled as at its time limit, checkpoints and ends without a requeue (KLA_REQUEUE=0);
+    the second then starts and resumes from that checkpoint to the last step."""
+    steps, logs = 60, tmp_path / "logs"
+    logs.mkdir()
+    cmd = ["kla-launch", "--scheduler", "slurm", "--cpu", "--nodes", "1", "--gpus-per-node", "1", "--chain", "2",
+           "--cluster-env", "launch/slurm/env/cpu_local.env", "--time", "00:15:00", "--job-name", "kla-pretrain",
+           "--sbatch-arg=--cpus-per-task=1", f"--sbatch-arg=--output={logs}/%x-%j.out",
+           *tiny_train_args(tmp_path, "tiny_cpu.yaml", steps)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**slurm, "KLA_LOG_DIR": str(logs)}, cwd=REPO,
+                       timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    first, second = re.findall(r"^kla-launch: submitted job (\d+)$", r.stdout, re.M)
+    record = subprocess.run(["scontrol", "show", "job", "-o", second], capture_output=True, text=True,
+                            env=slurm).stdout
+    assert f"Dependency=afterany:{first}" in record, record
+    t0 = time.time()
+    while not re.search(r"^step 2/", node_logs(logs, first, 0), re.M):
+        assert job_info(slurm, first).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), node_logs(logs, first, 0)
+        assert job_info(slurm, second).get("JobState") == "PENDING", "the second job did not wait"
+        assert time.time() - t0 < 600, "training did not start"
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", first], check=True, env=slurm)
+    done = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED")
+    info1 = wait_for(slurm, first, lambda i: i.get("JobState") not in done)
+    info2 = wait_for(slurm, second, lambda i: i.get("JobState") not in done)
+    batch1 = (logs / f"kla-pretrain-{first}.out").read_text()
+    log1, log2 = node_logs(logs, first, 0), node_logs(logs, second, 0)
+    assert info1["JobState"] == "COMPLETED" and info1["Restarts"] == "0", (info1, batch1)
+    assert "received SIGUSR1" in batch1 and "requeueing" not in batch1, batch1
+    assert info2["JobState"] == "COMPLETED" and info2["ExitCode"] == "0:0", (
+        f"{info2}\n{log2[-3000:]}\n--- slurm ---\n{cluster_logs(slurm, second)}")
+    stop = int(re.search(r"checkpointing at step (\d+) and exiting", log1)[1])
+    assert 2 <= stop < steps and max(step_lines(log1)) == stop
+    assert f"resumed from {tmp_path / 'ck'}/iter_{stop:07d} at step {stop}" in log2, log2[-3000:]
+    assert sorted(step_lines(log2)) == list(range(stop + 1, steps + 1))
