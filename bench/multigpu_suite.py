@@ -91,12 +91,6 @@ class Phase:
 # ---------------------------------------------------------------------------- the plan
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _sets(*pairs: str) -> list[str]:
     return [a for p in pairs for a in ("--set", p)]
 
@@ -119,6 +113,8 @@ def long_model_config(args) -> Path:
 
 def build_plan(args) -> list[Phase]:
     """The phases selected, in order, with their commands."""
+    from kla_megatron.parallel.local_ranks import free_port
+
     g, py = args.gpus, sys.executable
     timeouts = CPU_TIMEOUTS if args.cpu else GPU_TIMEOUTS
     common_env = {"PYTHONPATH": str(REPO)}
@@ -139,7 +135,7 @@ def build_plan(args) -> list[Phase]:
     def train(name, layout, sets, needs=None, before=()):
         sets = {**base, "run_name": f"multigpu_{name}", **sets}
         train_args = ["--config", RUN_CONFIG, *_sets(*(f"{k}={v}" for k, v in sets.items()))]
-        env = {**common_env, "GPUS_PER_NODE": str(g), "MASTER_PORT": str(_free_port()),
+        env = {**common_env, "GPUS_PER_NODE": str(g), "MASTER_PORT": str(free_port()),
                "TORCHRUN": f"{py} launch/torchrun_agent.py"}  # this interpreter
         return Phase(name, ["bash", "launch/torchrun.sh", *train_args], env, timeouts[name], g, layout,
                      train_args, needs, list(before))

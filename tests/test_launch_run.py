@@ -5,12 +5,13 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+
+from kla_megatron.parallel.local_ranks import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,12 +34,6 @@ def tiny_train_args(tmp_path, config="tiny_cpu.yaml", steps=3, *extra):
             "train.warmup_steps=1", "train.seq_length=32", "train.micro_batch_size=1", "train.global_batch_size=4",
             "train.eval_interval=0", "logging.interval=1", "checkpoint.save_interval=0", *extra]
     return ["--config", str(REPO / "configs" / config)] + [a for s in sets for a in ("--set", s)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cpu_env(**extra):
