@@ -77,7 +77,7 @@ def _build_layer(args, cp, device):
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    from kla_megatron.models import KLAModelConfig, build_kla_model
+    from kla_megatron.models import KLAModelConfig, KLARuntimeConfig, build_kla_model
 
     if device.type == "cpu":
         from kla_megatron.compat import enable_cpu_megatron
@@ -85,13 +85,13 @@ def _build_layer(args, cp, device):
         enable_cpu_megatron()
     parallel_state.initialize_model_parallel(context_parallel_size=cp)
     model_parallel_cuda_manual_seed(0)
-    cfg = KLAModelConfig(
+    cfg = KLAModelConfig.from_dict(dict(
         vocab_size=256, hidden_size=args.hidden, num_layers=1, layer_pattern="K", kla_heads=args.heads,
-        d_state=args.d_state, preset=args.preset, scan_backend=args.backend, max_seq_len=args.max_len,
-    )
+        d_state=args.d_state, preset=args.preset, max_seq_len=args.max_len,
+    ))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tc = cfg.to_transformer_config(context_parallel_size=cp, params_dtype=dtype, bf16=device.type == "cuda")
-    model = build_kla_model(cfg, tc).to(device)
+    model = build_kla_model(cfg, tc, runtime=KLARuntimeConfig(scan_backend=args.backend)).to(device)
     return model.decoder.layers[0], dtype
 
 

@@ -175,11 +175,11 @@ def trainer_overrides(model_path: Path, seq: int, mb: int, steps: int, args, run
 def check_run_config(overrides: list[str]) -> None:
     """What the trainer checks before it builds anything (config, layout, seq <= max_seq_len)."""
     from kla_megatron.training.config import load_run_config
-    from kla_megatron.training.model_factory import load_model_config
+    from kla_megatron.training.model_factory import model_config
 
     cfg = load_run_config(str(REPO / RUN_CONFIG), overrides)
     cfg.validate_world(1)
-    load_model_config(cfg)
+    model_config(cfg)
 
 
 # ---------------------------------------------------------------------------- rows
@@ -492,7 +492,7 @@ def breakdown_worker(args) -> int:
     ops = _top_ops(prof, iters, DeviceType.CPU) if cuda else []
     out = {"device": torch.cuda.get_device_name() if cuda else "cpu", "timing": "CUDA kernel time" if cuda
            else "CPU self time of aten ops (rehearsal only)", "model": mc.name, "layer_pattern": mc.layer_pattern,
-           "hidden": mc.hidden_size, "kla_heads": mc.kla_heads, "d_state": mc.d_state, "vocab": mc.vocab_size,
+           "hidden": mc.hidden_size, "kla_heads": mc.mixer.num_heads, "d_state": mc.mixer.d_state, "vocab": mc.vocab_size,
            "B": mb, "L": seq, "precision": trainer.run.train.precision, "iters": iters,
            "fwd_bwd_wall_ms": wall_ms, "categories_ms": by_cat, "launches_per_iter": launches,
            "total_ms": sum(by_cat.values()), "top_kernels": kernels[:25],

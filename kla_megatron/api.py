@@ -23,7 +23,8 @@ from typing import Optional, Union
 import torch
 import torch.distributed as dist
 
-from kla_megatron.models import KLAModel, KLAModelConfig, build_kla_model, load_model_config
+from kla_megatron.models import (KLAModel, KLAModelConfig, KLARuntimeConfig, build_kla_model, load_model_config,
+                                 read_stored_model_config)
 
 DEFAULT_SEED = 1234
 
@@ -71,32 +72,36 @@ def _device(device) -> torch.device:
 
 
 def resolve_config(config: Union[str, Path, KLAModelConfig], overrides: Optional[dict] = None) -> KLAModelConfig:
-    """The model config a name, path or config object stands for, with ``overrides`` applied; without
-    CUDA a Triton scan backend becomes ``auto`` (the fastest exact CPU scan)."""
-    overrides = overrides or {}
+    """The model config a name, path or config object stands for, with ``overrides`` (model config
+    keys as the YAML files write them: ``num_layers=2``, ``kla_heads=4``) applied."""
     cfg = config if isinstance(config, KLAModelConfig) else load_model_config(config)
-    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(KLAModelConfig)})
-    if unknown:
-        raise TypeError(f"unknown model config field(s) {unknown}")
-    cfg = dataclasses.replace(cfg, **overrides) if overrides else cfg
-    if not torch.cuda.is_available() and cfg.scan_backend not in ("auto", "torch", "recurrent", "naive"):
-        # the Triton kernels need a GPU; "auto" picks the fastest exact CPU scan
-        cfg = dataclasses.replace(cfg, scan_backend="auto")
-    return cfg
+    if not overrides:
+        return cfg
+    return KLAModelConfig.from_dict({**cfg.to_flat(), **overrides}, "model config overrides")
+
+
+def resolve_runtime(runtime: Optional[KLARuntimeConfig]) -> KLARuntimeConfig:
+    """``runtime`` (default ``KLARuntimeConfig()``); without CUDA a Triton scan backend becomes
+    ``auto`` (the Triton kernels need a GPU; ``auto`` picks the fastest exact CPU scan)."""
+    runtime = runtime or KLARuntimeConfig()
+    if not torch.cuda.is_available() and runtime.scan_backend not in ("auto", "torch", "recurrent", "naive"):
+        runtime = dataclasses.replace(runtime, scan_backend="auto")
+    return runtime
 
 
 def build_model(config: Union[str, Path, KLAModelConfig], *, device=None, dtype: torch.dtype = torch.float32,
-                seed: int = DEFAULT_SEED, **overrides) -> KLAModel:
+                seed: int = DEFAULT_SEED, runtime: Optional[KLARuntimeConfig] = None, **overrides) -> KLAModel:
     """A randomly initialised KLA (or hybrid) model on one process.
 
     ``config``: a :class:`KLAModelConfig`, a model name from ``configs/models/`` (``"kla_125m"``)
-    or a YAML path; ``overrides`` replace config fields (``num_layers=2``). ``device`` defaults to
+    or a YAML path; ``overrides`` replace config keys (``num_layers=2``); ``runtime`` chooses the
+    scan kernels and recompute (``KLARuntimeConfig``). ``device`` defaults to
     the GPU when there is one. The model is in training mode, like a freshly built torch module."""
     cfg = resolve_config(config, overrides)
     device = _device(device)
     init_parallel(seed=seed)
     tc = cfg.to_transformer_config(params_dtype=dtype, use_cpu_initialization=device.type == "cpu")
-    return build_kla_model(cfg, tc).to(device)
+    return build_kla_model(cfg, tc, runtime=resolve_runtime(runtime)).to(device)
 
 
 def _checkpoint_dir(checkpoint, iteration: Optional[int]) -> Path:
@@ -128,7 +133,7 @@ def load_model(checkpoint: Union[str, Path], *, iteration: Optional[int] = None,
     config_file = find_model_config(ckpt_dir)
     if config_file is None:
         raise FileNotFoundError(f"no model_config.yaml next to the checkpoint {ckpt_dir} (or in its parents)")
-    cfg = adapt_vocab(load_model_config(config_file), checkpoint_shapes(ckpt_dir))
+    cfg = adapt_vocab(read_stored_model_config(config_file), checkpoint_shapes(ckpt_dir))
     model = build_model(cfg, device=device, dtype=dtype)
     load_into(model, ckpt_dir)
     return model.eval()

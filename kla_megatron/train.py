@@ -35,9 +35,9 @@ def run(argv=None):
     args = parse_args(argv)
     cfg = load_run_config(args.config, args.overrides)
     if args.dry_run:
-        from kla_megatron.training.model_factory import load_model_config
+        from kla_megatron.training.model_factory import model_config
 
-        load_model_config(cfg)  # the model's config file and its fit with the run are checked too
+        model_config(cfg)  # the model's fit with the run is checked too
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return None
     from kla_megatron.training import checkpoint as ckpt

@@ -74,12 +74,12 @@ def test_gpt_config_is_a_1_3b_transformer():
 
 def test_trainer_rejects_seq_length_above_max_seq_len():
     from kla_megatron.training.config import load_run_config
-    from kla_megatron.training.model_factory import load_model_config
+    from kla_megatron.training.model_factory import model_config
 
     ok = load_run_config("tiny_cpu", ["train.seq_length=256"])  # kla_tiny: max_seq_len 256
-    assert load_model_config(ok).max_seq_len == 256
+    assert model_config(ok).max_seq_len == 256
     with pytest.raises(ValueError, match=r"train.seq_length 512 is longer than the model's max_seq_len 256"):
-        load_model_config(load_run_config("tiny_cpu", ["train.seq_length=512"]))
+        model_config(load_run_config("tiny_cpu", ["train.seq_length=512"]))
 
 
 # ----------------------------------------------------------------------------- parsing and plan

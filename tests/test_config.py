@@ -22,10 +22,10 @@ def _cfg(overrides=(), **raw):
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
 def test_shipped_run_configs_load_and_name_existing_models(name):
-    from kla_megatron.models import load_model_config
+    from kla_megatron.models import KLAModelConfig, load_model_config
 
     cfg = load_run_config(name)
-    load_model_config(cfg.model)
+    assert isinstance(cfg.model, KLAModelConfig) and cfg.model == load_model_config(cfg.model.name)
     assert cfg.train.global_batch_size % cfg.train.micro_batch_size == 0
 
 

@@ -42,18 +42,18 @@ def _assert_matches(ours, ref, bound=2e-6):
 
 
 def _mixer_case(case):
-    from kla_megatron.models import KLAModelConfig
+    from kla_megatron.models import KLAModelConfig, KLARuntimeConfig
     from kla_megatron.models.kla_layer_specs import kla_layer_spec
     from kla_megatron.models.reference_names import mixer_from_reference
     from megatron.core.transformer.spec_utils import build_module
 
     params, arrays, meta = _load(case)
     preset = "mamba" if meta["config"].get("value_rank") == "conv" else "plain"
-    cfg = KLAModelConfig(vocab_size=8, hidden_size=meta["d_model"], num_layers=1, layer_pattern="K",
-                         d_state=meta["config"]["d_state"], expand=meta["config"]["expand"], preset=preset,
-                         kla_heads=1, num_attention_heads=1, scan_backend="torch")
+    cfg = KLAModelConfig.from_dict(dict(vocab_size=8, hidden_size=meta["d_model"], num_layers=1, layer_pattern="K",
+                                        d_state=meta["config"]["d_state"], expand=meta["config"]["expand"],
+                                        preset=preset, kla_heads=1, num_attention_heads=1))
     tc = cfg.to_transformer_config(params_dtype=torch.float64)
-    mixer = build_module(kla_layer_spec(cfg.mixer_config()).submodules.mixer, tc)
+    mixer = build_module(kla_layer_spec(cfg.mixer, KLARuntimeConfig(scan_backend="torch")).submodules.mixer, tc)
     missing, unexpected = mixer.load_state_dict(mixer_from_reference(params), strict=False)
     assert not unexpected and all(k.endswith("_extra_state") for k in missing), (missing, unexpected)
 
@@ -72,17 +72,19 @@ def _mixer_case(case):
 
 
 def _model_case():
-    from kla_megatron.models import KLAModelConfig, build_kla_model
+    from kla_megatron.models import KLAModelConfig, KLARuntimeConfig, build_kla_model
     from kla_megatron.models.reference_names import model_from_reference
 
     params, arrays, meta = _load("model")
     mc, kc = meta["model_config"], meta["kla_config"]
     ffn = int(2 * int(mc["d_model"] * mc["mlp_ratio"]) / 3)  # the reference's SwiGLU width
-    cfg = KLAModelConfig(vocab_size=mc["vocab_size"], hidden_size=mc["d_model"], num_layers=2 * mc["n_layers"],
-                         layer_pattern="K-" * mc["n_layers"], d_state=kc["d_state"], expand=kc["expand"],
-                         ffn_hidden_size=ffn, swiglu=True, normalization="RMSNorm", norm_eps=mc["norm_eps"],
-                         tie_embeddings=mc["tie_embeddings"], num_attention_heads=1, scan_backend="torch")
-    model = build_kla_model(cfg, cfg.to_transformer_config(params_dtype=torch.float64))
+    cfg = KLAModelConfig.from_dict(dict(
+        vocab_size=mc["vocab_size"], hidden_size=mc["d_model"], num_layers=2 * mc["n_layers"],
+        layer_pattern="K-" * mc["n_layers"], d_state=kc["d_state"], expand=kc["expand"], ffn_hidden_size=ffn,
+        swiglu=True, normalization="RMSNorm", norm_eps=mc["norm_eps"], tie_embeddings=mc["tie_embeddings"],
+        num_attention_heads=1))
+    model = build_kla_model(cfg, cfg.to_transformer_config(params_dtype=torch.float64),
+                            runtime=KLARuntimeConfig(scan_backend="torch"))
     missing, unexpected = model.load_state_dict(model_from_reference(params), strict=False)
     assert not unexpected and all(k.endswith("_extra_state") for k in missing), (missing, unexpected)
     with torch.no_grad():

@@ -96,7 +96,7 @@ def _spm_model(tmp_path):
 
 def _export(model, out, tokenizer=None):
     state = {k: v.detach() for k, v in model.state_dict().items()}
-    arch = {k: getattr(model.config, k) for k in names.CONFIG_FIELDS}
+    arch = {k: getattr(model.config, k) for k in names.ARCHITECTURE_KEYS}
     return hf_io.export_hf(state, hf_io.make_config(arch, scan_backend="auto"), out, tokenizer_model=tokenizer)
 
 

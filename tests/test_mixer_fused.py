@@ -2,7 +2,6 @@
 output gate; through the interpreter on CPU) against the same mixer in float64 on the
 sequential reference path: output and every parameter and input gradient, with and without
 packed documents, with and without selective recompute."""
-import dataclasses
 
 import pytest
 import torch
@@ -32,13 +31,13 @@ def _run(mixer, x, packed):
 
 def _compare(rank, world_size, packed, recompute):
     h.setup_parallel()
-    cfg = h.tiny_config("K", "plain", hidden_size=16, kla_heads=2, d_state=4, max_seq_len=L, scan_backend="naive")
-    ref = h.build(cfg, dtype=torch.float64).decoder.layers[0].mixer
+    cfg = h.tiny_config("K", "plain", hidden_size=16, kla_heads=2, d_state=4, max_seq_len=L)
+    ref = h.build(cfg, dtype=torch.float64, runtime_config=h.runtime("naive")).decoder.layers[0].mixer
     with torch.no_grad():  # a conv bias and λ_skip away from their zero/constant init
         ref.conv_bias.normal_(generator=torch.Generator().manual_seed(1))
         ref.lambda_skip.fill_(-0.7)
-    fused_cfg = dataclasses.replace(cfg, scan_backend="triton", recompute_scan=recompute)
-    fused = h.build(fused_cfg, dtype=torch.float32).decoder.layers[0].mixer
+    fused_runtime = h.runtime("triton", recompute_scan=recompute)
+    fused = h.build(cfg, dtype=torch.float32, runtime_config=fused_runtime).decoder.layers[0].mixer
     fused.load_state_dict(ref.state_dict())  # copies cast to fp32
     b = 1 if packed else 2
     x = torch.randn(L, b, cfg.hidden_size, generator=torch.Generator().manual_seed(2), dtype=torch.float64)

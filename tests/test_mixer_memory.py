@@ -17,9 +17,8 @@ B, L = 2, 32
 
 def _saved_bytes_per_token(rank, world_size, recompute):
     h.setup_parallel()
-    cfg = h.tiny_config("K", "plain", hidden_size=32, kla_heads=4, d_state=4, max_seq_len=L, scan_backend="triton",
-                        recompute_scan=recompute)
-    model = h.build(cfg, dtype=torch.bfloat16)
+    cfg = h.tiny_config("K", "plain", hidden_size=32, kla_heads=4, d_state=4, max_seq_len=L)
+    model = h.build(cfg, dtype=torch.bfloat16, runtime_config=h.runtime("triton", recompute_scan=recompute))
     mixer = model.decoder.layers[0].mixer
     x = torch.randn(L, B, cfg.hidden_size, dtype=torch.bfloat16, requires_grad=True)
     seen, fp32 = {}, []

@@ -37,11 +37,11 @@ NOMINAL = {
 )
 def test_bad_config_fails_with_fix(change, match):
     with pytest.raises(ValueError, match=match):
-        KLAModelConfig(**{**BASE, **change})
+        KLAModelConfig.from_dict({**BASE, **change})
 
 
 def test_heads_not_divisible_by_tp_fails_before_building():
-    cfg = KLAModelConfig(**BASE)
+    cfg = KLAModelConfig.from_dict(BASE)
     with pytest.raises(ValueError, match=r"set kla_heads to a multiple of 4"):
         cfg.to_transformer_config(tensor_model_parallel_size=4)
 
@@ -123,7 +123,7 @@ def test_scan_flops_per_lane_from_the_information_form():
     k, q = torch.randn(B, T, H, S, **f64), torch.randn(B, T, H, S, **f64)
     a, p = torch.rand(H, P, S, **f64), torch.rand(H, P, S, **f64)
     assert _lane_ops(v, lambda_v, k, q, a, p) == 15 == SCAN_FLOPS_PER_ELEMENT
-    kla = KLAModelConfig(**BASE)
+    kla = KLAModelConfig.from_dict(BASE)
     assert flops_per_token(kla, 128) == 3 * forward_flops_per_token(kla, 128)
 
 
@@ -182,15 +182,15 @@ def test_flops_match_flop_counter_on_the_model(measured_flops, case):
     from kla_megatron.models.flops import forward_flops_per_token
 
     cfg, (forward, backward_matmul, forward_matmul) = measured_flops[case]
-    scan = 15 * cfg.d_inner * cfg.d_state * cfg.layer_pattern.count("K")
+    scan = 15 * cfg.d_inner * cfg.mixer.d_state * cfg.layer_pattern.count("K")
     assert forward_flops_per_token(cfg, h.SEQ) == forward + scan
     assert backward_matmul == 2 * forward_matmul
 
 
 def test_flops_count_the_scan_and_attention():
-    kla = KLAModelConfig(**BASE)
+    kla = KLAModelConfig.from_dict(BASE)
     # KLA cost is independent of sequence length; attention's grows with it (4·L·D per token:
     # Q·Kᵀ and P·V, 2 FLOPs per multiply-add, forward; × 3 for training).
     assert flops_per_token(kla, 128) == flops_per_token(kla, 4096)
-    hybrid = KLAModelConfig(**{**BASE, "layer_pattern": "K*K-"})
+    hybrid = KLAModelConfig.from_dict({**BASE, "layer_pattern": "K*K-"})
     assert flops_per_token(hybrid, 4096) - flops_per_token(hybrid, 128) == 3 * 4 * (4096 - 128) * 16

@@ -61,7 +61,7 @@ def _recompute():
     variants = {"none": ({}, False), "full": (dict(recompute_granularity="full", recompute_method="uniform",
                                                    recompute_num_layers=1), False), "scan": ({}, True)}
     for name, (overrides, scan) in variants.items():
-        model = h.build(h.tiny_config("K*K-", "plain", recompute_scan=scan), **overrides)
+        model = h.build(h.tiny_config("K*K-", "plain"), runtime_config=h.runtime(recompute_scan=scan), **overrides)
         h.det_init(model)
         loss = h.run_schedule(model, h.batches())
         out[name] = (loss, {n: p.grad.clone() for n, p in model.named_parameters()})

@@ -79,9 +79,8 @@ def _bf16_run(rank, world_size):
     for key, (pattern, preset, extra) in PATTERNS.items():
         for backend in ("torch", "triton"):
             cfg = h.tiny_config(pattern, preset, hidden_size=256, kla_heads=4, d_state=16, num_attention_heads=4,
-                                ffn_hidden_size=512, kla_var_rank=32, scan_backend=backend, max_seq_len=512,
-                                **extra)
-            model = h.build(cfg, dtype=torch.bfloat16).cuda()
+                                ffn_hidden_size=512, kla_var_rank=32, max_seq_len=512, **extra)
+            model = h.build(cfg, dtype=torch.bfloat16, runtime_config=h.runtime(backend)).cuda()
             h.det_init(model)
             tokens = torch.randint(0, h.V, (2, 512), generator=torch.Generator().manual_seed(0)).cuda()
             loss = model(tokens, None, None, labels=tokens).mean()

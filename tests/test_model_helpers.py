@@ -36,13 +36,20 @@ def mixer_variance(model, tp, sp):
 
 
 def tiny_config(pattern="K-K-", preset="plain", **overrides):
+    """A small model config; ``overrides`` are model config keys as the YAML files write them."""
     from kla_megatron.models import KLAModelConfig
 
     kw = dict(vocab_size=V, hidden_size=16, num_layers=len(pattern), layer_pattern=pattern, kla_heads=2, d_state=4,
-              num_attention_heads=4, ffn_hidden_size=32, preset=preset, kla_var_rank=4, scan_backend="torch",
-              max_seq_len=SEQ)
+              num_attention_heads=4, ffn_hidden_size=32, preset=preset, kla_var_rank=4, max_seq_len=SEQ)
     kw.update(overrides)
-    return KLAModelConfig(**kw)
+    return KLAModelConfig.from_dict(kw, "tiny_config")
+
+
+def runtime(scan_backend="torch", recompute_scan=False):
+    """How the tests' models run: the exact chunked torch scan unless a test asks for another."""
+    from kla_megatron.models import KLARuntimeConfig
+
+    return KLARuntimeConfig(scan_backend=scan_backend, recompute_scan=recompute_scan)
 
 
 def setup_parallel(tp=1, pp=1, seed=1, vp=None):
@@ -52,7 +59,7 @@ def setup_parallel(tp=1, pp=1, seed=1, vp=None):
     init_parallel(tp, pp, vp=vp, seed=seed)
 
 
-def build(cfg, tp=1, pp=1, sp=False, dtype=torch.float64, **overrides):
+def build(cfg, tp=1, pp=1, sp=False, dtype=torch.float64, runtime_config=None, **overrides):
     from megatron.core import parallel_state
 
     from kla_megatron.models import build_kla_model
@@ -60,7 +67,7 @@ def build(cfg, tp=1, pp=1, sp=False, dtype=torch.float64, **overrides):
     tc = cfg.to_transformer_config(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                    sequence_parallel=sp, params_dtype=dtype, **overrides)
     return build_kla_model(cfg, tc, pre_process=parallel_state.is_pipeline_first_stage(),
-                           post_process=parallel_state.is_pipeline_last_stage())
+                           post_process=parallel_state.is_pipeline_last_stage(), runtime=runtime_config or runtime())
 
 
 def build_chunks(cfg, tp, pp, sp, vp, dtype=torch.float64):
@@ -73,7 +80,7 @@ def build_chunks(cfg, tp, pp, sp, vp, dtype=torch.float64):
                                    virtual_pipeline_model_parallel_size=vp, sequence_parallel=sp,
                                    params_dtype=dtype)
     return [
-        build_kla_model(cfg, tc, vp_stage=i,
+        build_kla_model(cfg, tc, vp_stage=i, runtime=runtime(),
                         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=i),
                         post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=i))
         for i in range(vp)
@@ -230,4 +237,4 @@ def build_kla_model_from_tc(cfg, tc):
     from kla_megatron.models import build_kla_model
 
     return build_kla_model(cfg, tc, pre_process=parallel_state.is_pipeline_first_stage(),
-                           post_process=parallel_state.is_pipeline_last_stage())
+                           post_process=parallel_state.is_pipeline_last_stage(), runtime=runtime())

@@ -45,12 +45,12 @@ def test_architecture(name):
     d_model = RUNS[name][0]
     cfg = load_model_config(name)
     assert (cfg.hidden_size, cfg.vocab_size, cfg.max_seq_len) == (d_model, 32768, 2048)
-    assert (cfg.d_state, cfg.conv_kernel, cfg.expand, cfg.preset, cfg.kla_heads) == (32, 4, 2.0, "mamba", 1)
+    mixer = cfg.mixer
+    assert (mixer.d_state, mixer.conv_kernel, mixer.expand, mixer.preset, mixer.num_heads) == (32, 4, 2.0, "mamba", 1)
     assert not cfg.tie_embeddings
     blocks = [cfg.layer_pattern[i:i + 2] for i in range(0, len(cfg.layer_pattern), 2)]
     assert len(blocks) == 12
     assert blocks == (["K-"] * 12 if "kla" in name else ["*-"] * 11 + ["K-"])  # hybrid: last attention → KLA
-    mixer = cfg.mixer_config()
     assert (mixer.p_init, mixer.dt_min, mixer.dt_max, mixer.ssm_lr_mult) == (0.01, 1e-3, 1e-1, 0.1)
 
 
@@ -59,7 +59,7 @@ def test_recipe_values(name):
     d_model, batch_tokens, _ = RUNS[name]
     run = _recipe(name)
     t = run.train
-    assert run.model == name and t.seq_length == 2048
+    assert run.model.name == name and t.seq_length == 2048
     assert t.global_batch_size * t.seq_length == batch_tokens
     assert t.lr == pytest.approx(scaled(4e-3, d_model, batch_tokens), rel=1e-4)
     assert t.embedding_lr == pytest.approx(scaled(0.3, d_model, batch_tokens), rel=1e-4)
@@ -106,7 +106,7 @@ def _expected(name: str, ndim: int, t) -> tuple[float, float]:
 def _groups_body(rank, world_size, names):
     import kla_megatron
     from kla_megatron.training.megatron_engine import MegatronEngine
-    from kla_megatron.training.model_factory import load_model_config as run_model_config
+    from kla_megatron.training.model_factory import model_config as run_model_config
     from kla_megatron.training.schedule import apply_lr
 
     kla_megatron.init_parallel()
@@ -188,7 +188,7 @@ def test_dry_run_passes(name, capsys):
     from kla_megatron.train import run
 
     assert run(["--config", str(REPO / "configs" / f"{name}.yaml"), "--dry-run"]) is None
-    assert f"model: {name}" in capsys.readouterr().out
+    assert f"model:\n  name: {name}\n" in capsys.readouterr().out  # the resolved model config
 
 
 def test_console_script_dry_run():

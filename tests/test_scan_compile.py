@@ -148,7 +148,7 @@ def _layer_step(layer, x, kw, run=None):
 
 def _build_layer(device):
     h.setup_parallel(1, 1)
-    model = h.build(h.tiny_config("K", "plain", scan_backend="triton"), dtype=torch.float32).to(device)
+    model = h.build(h.tiny_config("K", "plain"), dtype=torch.float32, runtime_config=h.runtime("triton")).to(device)
     h.det_init(model)
     return model.decoder.layers[0]
 

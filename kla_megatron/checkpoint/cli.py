@@ -28,7 +28,7 @@ def _dtype(name: str):
 
 
 def _model_config(args, ckpt_dir: Path):
-    from kla_megatron.models import load_model_config
+    from kla_megatron.models import load_model_config, read_stored_model_config
 
     from .megatron_io import adapt_vocab, checkpoint_shapes, find_model_config
 
@@ -38,7 +38,7 @@ def _model_config(args, ckpt_dir: Path):
         found = find_model_config(ckpt_dir)
         if found is None:
             raise ValueError(f"no model_config.yaml next to {ckpt_dir}: pass --model-config NAME_OR_YAML")
-        cfg = load_model_config(found)
+        cfg = read_stored_model_config(found)
     return adapt_vocab(cfg, checkpoint_shapes(ckpt_dir))
 
 

@@ -53,11 +53,10 @@ def source_kind(path) -> Tuple[str, Path]:
 def architecture_diff(source, target) -> str:
     """'' if the two KLAModelConfigs describe the same architecture (up to vocab_size and
     max_seq_len), else 'field <source value> (run: <target value>)' for each difference."""
-    from .names import CONFIG_FIELDS
+    from .names import architecture_fields
 
-    fields = [n for n in CONFIG_FIELDS if n not in ("vocab_size", "max_seq_len")]
-    return ", ".join(f"{n} {getattr(source, n)!r} (run: {getattr(target, n)!r})" for n in fields
-                     if getattr(source, n) != getattr(target, n))
+    a, b = architecture_fields(source), architecture_fields(target)
+    return ", ".join(f"{n} {a[n]!r} (run: {b[n]!r})" for n in a if n not in ("vocab_size", "max_seq_len") and a[n] != b[n])
 
 
 # ---------------------------------------------------------------- tensor sources (TP = PP = 1 names)
@@ -233,7 +232,7 @@ def fill_from_full(chunks, source, raw_vocab: int) -> None:
 def load_weights(src, chunks, model_cfg, raw_vocab: int) -> str:
     """Load ``src``'s model weights into this rank's ``chunks`` (the run's layout); returns a
     description of what was loaded. Every rank must call it (megatron sources load collectively)."""
-    from kla_megatron.models import load_model_config
+    from kla_megatron.models import read_stored_model_config
 
     kind, path = source_kind(src)
     if kind == "megatron":
@@ -245,7 +244,7 @@ def load_weights(src, chunks, model_cfg, raw_vocab: int) -> str:
             raise ValueError(str(exc)) from None
         found = find_model_config(ckpt_dir)
         if found is not None:
-            diff = architecture_diff(load_model_config(found), model_cfg)
+            diff = architecture_diff(read_stored_model_config(found), model_cfg)
             if diff:
                 raise ValueError(f"{found}: the checkpoint's architecture is not the run's model: {diff}")
         load_into(list(chunks), ckpt_dir)
@@ -297,9 +296,7 @@ def init_from_weights(trainer) -> Optional[str]:
         return None
     if run.engine != "megatron":
         raise ValueError(f"checkpoint.init_from needs engine 'megatron' (this run uses '{run.engine}')")
-    from kla_megatron.models import load_model_config
-
-    raw_vocab = load_model_config(run.model).vocab_size
+    raw_vocab = run.model.vocab_size
     try:
         what = load_weights(src, trainer.engine.raw_chunks, trainer.model_cfg, raw_vocab)
     except ValueError as exc:

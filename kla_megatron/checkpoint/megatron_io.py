@@ -23,14 +23,12 @@ from typing import Dict, Optional
 
 import torch
 import torch.distributed as dist
-import yaml
 
-from kla_megatron.models import KLAModelConfig
+from kla_megatron.models import MODEL_CONFIG_FILE, KLAModelConfig, save_model_config
 
 from . import ranks
 from .names import check_state_dict
 
-MODEL_CONFIG_FILE = "model_config.yaml"
 _MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
 
 
@@ -62,11 +60,6 @@ def find_model_config(ckpt_dir: Path) -> Optional[Path]:
     return None
 
 
-def write_model_config(cfg: KLAModelConfig, path) -> None:
-    with open(path, "w") as f:
-        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-
-
 def checkpoint_shapes(ckpt_dir) -> Dict[str, tuple]:
     """Global shape of every tensor stored in a torch_dist checkpoint (from its metadata)."""
     from torch.distributed.checkpoint import FileSystemReader
@@ -79,9 +72,9 @@ def checkpoint_shapes(ckpt_dir) -> Dict[str, tuple]:
 
 
 def adapt_vocab(cfg: KLAModelConfig, shapes: Dict[str, tuple]) -> KLAModelConfig:
-    """The trainer pads the vocabulary (multiple of 128·TP): take the checkpoint's padded size."""
+    """The trainer pads the vocabulary (``KLAModelConfig.padded_vocab_size``): take the checkpoint's padded size."""
     stored = shapes.get("embedding.word_embeddings.weight")
-    if stored and stored[0] != cfg.vocab_size and stored[0] > cfg.vocab_size and stored[0] % 128 == 0:
+    if stored and cfg.is_padding_of(stored[0]):
         return dataclasses.replace(cfg, vocab_size=stored[0])
     return cfg
 
@@ -90,14 +83,13 @@ def build_model(cfg: KLAModelConfig, tp: int = 1, pp: int = 1, dtype=torch.float
     """This rank's part of the model (parallel state set up for ``tp`` × ``pp``)."""
     from megatron.core import parallel_state
 
-    from kla_megatron.api import init_parallel, resolve_config
+    from kla_megatron.api import init_parallel, resolve_runtime
     from kla_megatron.models import build_kla_model
 
     init_parallel(tp, pp)
-    cfg = resolve_config(cfg)
     tc = cfg.to_transformer_config(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, params_dtype=dtype)
     return build_kla_model(cfg, tc, pre_process=parallel_state.is_pipeline_first_stage(),
-                           post_process=parallel_state.is_pipeline_last_stage())
+                           post_process=parallel_state.is_pipeline_last_stage(), runtime=resolve_runtime(None))
 
 
 def _short(keys, n: int = 8) -> str:
@@ -218,7 +210,7 @@ def _publish(out_root: Path, tmp_model_dir: Path, cfg: KLAModelConfig, tp: int, 
     tmp.mkdir()
     shutil.move(str(tmp_model_dir), str(tmp / "model"))
     ckpt.commit(str(out_root), 0, {"layout": {"tp": tp, "pp": pp}, "converted_by": "kla-convert"}, keep_last=0)
-    write_model_config(cfg, out_root / MODEL_CONFIG_FILE)
+    save_model_config(cfg, out_root)
     return Path(ckpt.step_dir(str(out_root), 0))
 
 

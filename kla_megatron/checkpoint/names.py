@@ -37,35 +37,44 @@ LAYER_NAMES = {  # pattern symbol -> {megatron suffix: HF suffix}; mixer.* is co
 }
 _LAYER_RE = re.compile(r"(decoder\.layers|model\.layers)\.(\d+)\.(.+)")
 
-# KLAModelConfig fields that are the same in the HF config (scan_backend etc. are runtime choices)
-CONFIG_FIELDS = ("vocab_size", "hidden_size", "num_layers", "layer_pattern", "kla_heads", "d_state", "expand",
-                 "conv_kernel", "preset", "kla_var_rank", "num_attention_heads", "num_query_groups",
-                 "ffn_hidden_size", "swiglu", "normalization", "norm_eps", "tie_embeddings", "position_embedding",
-                 "rotary_base", "max_seq_len")
+# KLAModelConfig keys (flat YAML names) that do not describe the trained function: the run-facing
+# name, and what only shapes the initial weights or the optimizer. Every other key is architecture:
+# the HF config carries it (same name, except init_std → initializer_range), checkpoints and
+# init_from compare it. tests/test_config_tree.py fails when a new field is in one and not the other.
+NOT_ARCHITECTURE = ("name", "init_std", "ssm_lr_mult", "dt_min", "dt_max", "dt_init_floor", "p_init",
+                    "lambda_skip_init")
+HF_INIT_STD = "initializer_range"
+ARCHITECTURE_KEYS = tuple(k for k in KLAModelConfig.flat_keys() if k not in NOT_ARCHITECTURE)
+
+
+def architecture_fields(cfg: KLAModelConfig) -> dict:
+    """The architecture keys of a config (flat YAML names) and their values."""
+    flat = cfg.to_flat()
+    return {k: flat[k] for k in ARCHITECTURE_KEYS}
 
 
 def hf_config_dict(cfg: KLAModelConfig) -> dict:
     """The architecture fields of ``KLAConfig`` for a ``KLAModelConfig``."""
-    out = {name: getattr(cfg, name) for name in CONFIG_FIELDS}
-    out["initializer_range"] = cfg.init_std
-    return out
+    return {**architecture_fields(cfg), HF_INIT_STD: cfg.init_std}
 
 
 def model_config_from_hf(hf_config) -> KLAModelConfig:
     """``KLAModelConfig`` from a ``KLAConfig`` (or its dict)."""
     data = hf_config if isinstance(hf_config, dict) else hf_config.to_dict()
-    missing = [name for name in CONFIG_FIELDS if name not in data]
+    missing = [name for name in ARCHITECTURE_KEYS if name not in data]
     if missing:
         raise ValueError(f"HF config is not a KLA config: missing fields {missing}")
-    kw = {name: data[name] for name in CONFIG_FIELDS}
-    return KLAModelConfig(name=data.get("name_or_path") or "kla", init_std=data.get("initializer_range", 0.02), **kw)
+    kw = {name: data[name] for name in ARCHITECTURE_KEYS}
+    kw.update(name=data.get("name_or_path") or "kla", init_std=data.get(HF_INIT_STD, 0.02))
+    return KLAModelConfig.from_dict(kw, "HF config")
 
 
 def check_same_architecture(a: KLAModelConfig, b: KLAModelConfig, what: str) -> None:
     """ValueError listing every architecture field on which the two configs differ."""
-    diff = {n: (getattr(a, n), getattr(b, n)) for n in CONFIG_FIELDS if getattr(a, n) != getattr(b, n)}
+    x, y = architecture_fields(a), architecture_fields(b)
+    diff = {n: (x[n], y[n]) for n in x if x[n] != y[n]}
     if diff:
-        raise ValueError(f"config mismatch ({what}): " + ", ".join(f"{k}: {x!r} != {y!r}" for k, (x, y) in diff.items()))
+        raise ValueError(f"config mismatch ({what}): " + ", ".join(f"{k}: {v!r} != {w!r}" for k, (v, w) in diff.items()))
 
 
 def _rename(name: str, pattern: str, to_hf: bool) -> str:

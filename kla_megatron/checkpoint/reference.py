@@ -56,7 +56,7 @@ def reference_config(state: Dict[str, torch.Tensor], *, norm_eps: float = 1e-5, 
         kw["ffn_hidden_size"] = state["blocks.0.mlp.w3.weight"].shape[1]
     if int(kw["expand"] * d_model) != M:
         raise ValueError(f"reference d_inner {M} is not expand·d_model for d_model {d_model}")
-    return KLAModelConfig(**kw)
+    return KLAModelConfig.from_dict(kw, "reference weights")
 
 
 def from_reference(state: Dict[str, torch.Tensor], **kw) -> Tuple[KLAModelConfig, Dict[str, torch.Tensor]]:

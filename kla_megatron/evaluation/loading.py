@@ -103,12 +103,16 @@ def trainer_model(model_dir: Path, model_config: Optional[str]):
     """The HF model holding a dist checkpoint's weights (any TP/PP it was saved at)."""
     from kla_megatron.checkpoint.megatron_io import (adapt_vocab, checkpoint_shapes, find_model_config,
                                                      load_megatron_state)
-    from kla_megatron.models import load_model_config
+    from kla_megatron.models import load_model_config, read_stored_model_config
 
-    found = model_config or find_model_config(model_dir)
-    if found is None:
-        raise ValueError(f"no model_config.yaml next to {model_dir}: pass --model-config NAME_OR_YAML")
-    cfg = adapt_vocab(load_model_config(found), checkpoint_shapes(model_dir))
+    if model_config:
+        cfg = load_model_config(model_config)
+    else:
+        found = find_model_config(model_dir)
+        if found is None:
+            raise ValueError(f"no model_config.yaml next to {model_dir}: pass --model-config NAME_OR_YAML")
+        cfg = read_stored_model_config(found)
+    cfg = adapt_vocab(cfg, checkpoint_shapes(model_dir))
     return _hf_from_megatron_state(cfg, load_megatron_state(model_dir, cfg))
 
 

@@ -3,6 +3,7 @@ from .inference_state import KLAInferenceState, KLALayerState
 from .kla_layer import KLALayer, KLALayerSubmodules
 from .kla_mixer import KLAMixer, KLAMixerConfig, KLAMixerSubmodules
 from .norm import KLANorm
+from .runtime import KLARuntimeConfig
 
 __all__ = [
     "KLAInferenceState",
@@ -13,4 +14,5 @@ __all__ = [
     "KLAMixerConfig",
     "KLAMixerSubmodules",
     "KLANorm",
+    "KLARuntimeConfig",
 ]

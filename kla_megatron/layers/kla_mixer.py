@@ -59,6 +59,7 @@ from kla_megatron.ops.kla.sensors import sensor_activations, torch_sensor_activa
 from kla_megatron.parallel.kla_context_parallel import KLAContextParallel
 
 from .inference_state import KLALayerState
+from .runtime import KLARuntimeConfig
 from .sharding import split_sharded_tensor
 
 PRESETS = ("plain", "mamba")
@@ -67,7 +68,8 @@ P_MIN = 1e-7  # learned process noise is clamped here (reference); keeps p ≥ 0
 
 @dataclass(kw_only=True)
 class KLAMixerConfig:
-    """KLA-specific settings of one mixer (the rest comes from ``TransformerConfig``)."""
+    """KLA-specific architecture of one mixer (the rest comes from ``TransformerConfig``; how it
+    runs, from ``KLARuntimeConfig``)."""
 
     num_heads: int = 1
     """H: d_inner is split into H heads with their own k, q; TP splits heads."""
@@ -82,11 +84,6 @@ class KLAMixerConfig:
     var_rank: Optional[int] = None
     """Rank of the "mamba" variance bottleneck (all heads together); default ceil(D/8).
     Each head gets var_rank/H."""
-    scan_backend: str = "auto"
-    """kla_scan backend: "auto", "recurrent", "torch", "triton", "naive"."""
-    recompute_scan: bool = False
-    """Selective recompute: keep only the post-conv z and the gate for backward and run the sensor
-    activations, the scan and the output gate again there (train.recompute=selective)."""
     ssm_lr_mult: float = 0.1
     """Learning-rate multiplier the optimizer applies to A_log, Δ_raw, p."""
     dt_min: float = 1e-3
@@ -163,6 +160,7 @@ class KLAMixer(MegatronModule):
         config: TransformerConfig,
         submodules: KLAMixerSubmodules,
         mixer_config: KLAMixerConfig,
+        runtime: Optional[KLARuntimeConfig] = None,
         layer_number: int = 1,
         pg_collection=None,
     ):
@@ -175,6 +173,7 @@ class KLAMixer(MegatronModule):
         self.tp_group = pg_collection.tp
         self.tp_size = self.tp_group.size()
         self.tp_rank = self.tp_group.rank()
+        self.runtime = runtime or KLARuntimeConfig()
         # Context parallelism: the sequence is sharded in megatron's load-balanced order; the
         # scan and the conv exchange carries/halos over this group (kla_megatron.parallel).
         self.cp = KLAContextParallel(getattr(pg_collection, "cp", None))
@@ -308,7 +307,7 @@ class KLAMixer(MegatronModule):
         position of each token inside its packed document (taps reaching before the document
         start read zero). Returns ``(y [b, s, M], new window)``.
         """
-        backend = "torch" if self.mc.scan_backend in ("naive", "recurrent") else self.mc.scan_backend
+        backend = "torch" if self.runtime.scan_backend in ("naive", "recurrent") else self.runtime.scan_backend
         return causal_conv1d(x, self.conv_weight.to(x.dtype), self.conv_bias.to(x.dtype), window=window,
                              position_in_doc=position_in_doc, activation=activation, backend=backend)
 
@@ -324,7 +323,7 @@ class KLAMixer(MegatronModule):
         z_heads = z.reshape(b * s, H, P).transpose(0, 1)
         sens = torch.bmm(z_heads, self.sensor_weight.to(z.dtype).transpose(1, 2)).view(H, b, s, -1)
         if self.mc.preset == "plain":
-            return sensor_activations(sens, S, backend=self.mc.scan_backend)
+            return sensor_activations(sens, S, backend=self.runtime.scan_backend)
         log_var, k, q = (x.permute(1, 2, 0, 3) for x in torch.split(sens, [self.w_var, S, S], dim=-1))
         log_var = torch.einsum("bshr,hpr->bshp", log_var, self.var_expand.to(z.dtype))
         return torch_sensor_activations(z.view(b, s, H, P), log_var, k, q)
@@ -336,7 +335,7 @@ class KLAMixer(MegatronModule):
             return self.cp.scan(v, lambda_v, k, q, a, p, output_variance=output_variance,
                                 initial_state=tuple(initial_state) if initial_state is not None else None,
                                 output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-                                backend=self.mc.scan_backend)
+                                backend=self.runtime.scan_backend)
 
     def filter(self, z, gate, lambda_skip, cu_seqlens=None, inference_state=None, return_variance=False):
         """Everything between the conv and out_proj: sensors → scan (or one decode step) → output
@@ -347,7 +346,7 @@ class KLAMixer(MegatronModule):
         a, p = self.dynamics()
         if inference_state is not None and s == 1 and cu_seqlens is None:
             y, y_var, new_state = kla_decode_step(
-                v[:, 0], lambda_v[:, 0], k[:, 0], q[:, 0], a, p, inference_state.ssm, backend=self.mc.scan_backend
+                v[:, 0], lambda_v[:, 0], k[:, 0], q[:, 0], a, p, inference_state.ssm, backend=self.runtime.scan_backend
             )
             y, y_var = y[:, None], y_var[:, None]
         else:
@@ -356,7 +355,7 @@ class KLAMixer(MegatronModule):
                 v, lambda_v, k, q, a, p, initial_state=initial, cu_seqlens=cu_seqlens,
                 output_final_state=inference_state is not None, output_variance=return_variance,
             )
-        out = gated_output(y.reshape(b, s, self.d_inner_local), z, gate, lambda_skip, backend=self.mc.scan_backend)
+        out = gated_output(y.reshape(b, s, self.d_inner_local), z, gate, lambda_skip, backend=self.runtime.scan_backend)
         if y_var is not None:
             y_var = y_var.reshape(b, s, self.d_inner_local)
         return out, y_var, new_state
@@ -392,7 +391,7 @@ class KLAMixer(MegatronModule):
 
         # λ_skip sees only this rank's channels: copy_to_... all-reduces its gradient over TP.
         lambda_skip = copy_to_tensor_model_parallel_region(self.lambda_skip, group=self.tp_group)
-        if self.mc.recompute_scan and torch.is_grad_enabled() and inference_state is None and not return_variance:
+        if self.runtime.recompute_scan and torch.is_grad_enabled() and inference_state is None and not return_variance:
             # Selective recompute: keep only z and gate (alive anyway) for backward; the sensor
             # activations, the scan's inputs and checkpoints and its read-out run again there.
             y, y_var, new_state = torch.utils.checkpoint.checkpoint(self.filter, z, gate, lambda_skip, cu_seqlens,

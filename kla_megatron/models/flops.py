@@ -11,18 +11,18 @@ matmul terms against ``torch.utils.flop_counter.FlopCounterMode`` on a real mode
 """
 from __future__ import annotations
 
-import math
 
 SCAN_FLOPS_PER_ELEMENT = 15
 
 
 def _sensor_width(cfg) -> int:
     """Per-head sensor projection outputs (plus the mamba variance expansion's rank)."""
-    P = cfg.d_inner // cfg.kla_heads
-    if cfg.preset == "plain":
-        return 2 * P + 2 * cfg.d_state
-    rank = (cfg.kla_var_rank or math.ceil(cfg.hidden_size / 8)) // cfg.kla_heads
-    return 2 * rank + 2 * cfg.d_state  # rank outputs + the [P, rank] expansion per head
+    mc = cfg.mixer
+    P = cfg.d_inner // mc.num_heads
+    if mc.preset == "plain":
+        return 2 * P + 2 * mc.d_state
+    rank = mc.resolved_var_rank(cfg.hidden_size) // mc.num_heads
+    return 2 * rank + 2 * mc.d_state  # rank outputs + the [P, rank] expansion per head
 
 
 def _norm_params(cfg) -> int:
@@ -47,8 +47,8 @@ def _mlp_matmul_params(cfg) -> int:
 
 def layer_parameters(cfg, symbol: str) -> int:
     if symbol == "K":
-        di, S = cfg.d_inner, cfg.d_state
-        return _norm_params(cfg) + _kla_matmul_params(cfg) + di * (cfg.conv_kernel + 1) + 3 * di * S + 1
+        di, S = cfg.d_inner, cfg.mixer.d_state
+        return _norm_params(cfg) + _kla_matmul_params(cfg) + di * (cfg.mixer.conv_kernel + 1) + 3 * di * S + 1
     if symbol == "*":
         return _norm_params(cfg) + _attention_matmul_params(cfg)
     if symbol == "-":
@@ -66,7 +66,7 @@ def num_parameters(cfg) -> int:
 def forward_flops_per_token(cfg, seq_len: int) -> int:
     D, di = cfg.hidden_size, cfg.d_inner
     per_symbol = {
-        "K": 2 * _kla_matmul_params(cfg) + 2 * di * cfg.conv_kernel + SCAN_FLOPS_PER_ELEMENT * di * cfg.d_state,
+        "K": 2 * _kla_matmul_params(cfg) + 2 * di * cfg.mixer.conv_kernel + SCAN_FLOPS_PER_ELEMENT * di * cfg.mixer.d_state,
         "*": 2 * _attention_matmul_params(cfg) + 4 * seq_len * D,
         "-": 2 * _mlp_matmul_params(cfg),
     }

@@ -8,7 +8,7 @@ that dict (a new layer kind is a new entry, not a new branch).
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
@@ -19,18 +19,19 @@ from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-from kla_megatron.layers import KLALayer, KLALayerSubmodules, KLAMixer, KLAMixerConfig, KLAMixerSubmodules, KLANorm
+from kla_megatron.layers import (KLALayer, KLALayerSubmodules, KLAMixer, KLAMixerConfig, KLAMixerSubmodules, KLANorm,
+                                 KLARuntimeConfig)
 from kla_megatron.parallel.cp_attention import cp_core_attention
 
 
-def kla_layer_spec(mixer_config: KLAMixerConfig) -> ModuleSpec:
+def kla_layer_spec(mixer_config: KLAMixerConfig, runtime: Optional[KLARuntimeConfig] = None) -> ModuleSpec:
     return ModuleSpec(
         module=KLALayer,
         submodules=KLALayerSubmodules(
             norm=KLANorm,
             mixer=ModuleSpec(
                 module=KLAMixer,
-                params={"mixer_config": mixer_config},
+                params={"mixer_config": mixer_config, "runtime": runtime},
                 submodules=KLAMixerSubmodules(in_proj=ColumnParallelLinear, out_proj=RowParallelLinear),
             ),
             bda=get_bias_dropout_add,
@@ -73,6 +74,6 @@ def mlp_layer_spec() -> ModuleSpec:
     )
 
 
-def layer_specs(cfg) -> Dict[str, ModuleSpec]:
-    """Pattern symbol → layer spec for a ``KLAModelConfig``."""
-    return {"K": kla_layer_spec(cfg.mixer_config()), "*": attention_layer_spec(), "-": mlp_layer_spec()}
+def layer_specs(cfg, runtime: Optional[KLARuntimeConfig] = None) -> Dict[str, ModuleSpec]:
+    """Pattern symbol → layer spec for a ``KLAModelConfig`` run with ``runtime``."""
+    return {"K": kla_layer_spec(cfg.mixer, runtime), "*": attention_layer_spec(), "-": mlp_layer_spec()}

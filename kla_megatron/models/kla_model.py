@@ -7,7 +7,7 @@ output layer; the pattern is split across stages by the stack. Packed sequences:
 ``packed_seq_params.cu_seqlens_q`` (micro-batch 1) restart every KLA layer's conv and filter
 per document; `*` layers get the same offsets (``attention_packing``: flash varlen on GPU, no
 s×s mask). Recompute: ``TransformerConfig.recompute_granularity="full"`` recomputes whole
-layers; ``KLAModelConfig.recompute_scan`` only the KLA scans.
+layers; ``KLARuntimeConfig.recompute_scan`` only the KLA scans.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from megatron.core.models.common.language_module.language_module import Language
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.enums import ModelType
 
-from kla_megatron.layers import KLAInferenceState
+from kla_megatron.layers import KLAInferenceState, KLARuntimeConfig
 from kla_megatron.parallel.cp_attention import cp_rotary_embedding
 
 from .config import KLAModelConfig
@@ -31,7 +31,8 @@ from .kla_stack import KLAStack
 
 class KLAModel(LanguageModule):
     def __init__(self, cfg: KLAModelConfig, config, *, pre_process: bool = True, post_process: bool = True,
-                 vp_stage: Optional[int] = None, pg_collection: Optional[ProcessGroupCollection] = None):
+                 vp_stage: Optional[int] = None, pg_collection: Optional[ProcessGroupCollection] = None,
+                 runtime: Optional[KLARuntimeConfig] = None):
         if pg_collection is None:
             pg_collection = ProcessGroupCollection.use_mpu_process_groups()
         super().__init__(config=config, pg_collection=pg_collection)
@@ -40,8 +41,9 @@ class KLAModel(LanguageModule):
                 f"TransformerConfig (num_layers={config.num_layers}, hidden_size={config.hidden_size}) does not "
                 f"match KLAModelConfig ({cfg.num_layers}, {cfg.hidden_size}); build it with cfg.to_transformer_config()"
             )
-        cfg.mixer_config().validate(cfg.hidden_size, self.pg_collection.tp.size())
+        cfg.mixer.validate(cfg.hidden_size, self.pg_collection.tp.size())
         self.cfg = cfg
+        self.runtime = runtime or KLARuntimeConfig()
         self.pre_process, self.post_process = pre_process, post_process
         self.vp_stage = vp_stage
         self.share_embeddings_and_output_weights = cfg.tie_embeddings
@@ -61,7 +63,7 @@ class KLAModel(LanguageModule):
                 kv_channels=config.kv_channels, rotary_percent=1.0, rotary_base=cfg.rotary_base,
                 use_cpu_initialization=config.use_cpu_initialization, cp_group=self.pg_collection.cp,
             )
-        self.decoder = KLAStack(config, cfg.layer_pattern, layer_specs(cfg), pre_process=pre_process,
+        self.decoder = KLAStack(config, cfg.layer_pattern, layer_specs(cfg, self.runtime), pre_process=pre_process,
                                 post_process=post_process, pg_collection=self.pg_collection, vp_stage=vp_stage)
         if post_process:
             self.output_layer = tensor_parallel.ColumnParallelLinear(
@@ -117,6 +119,9 @@ class KLAModel(LanguageModule):
 
 
 def build_kla_model(cfg: KLAModelConfig, transformer_config, *, pre_process: bool = True,
-                    post_process: bool = True, vp_stage: Optional[int] = None) -> KLAModel:
-    """Build this rank's part of the model (megatron parallel state must be initialised)."""
-    return KLAModel(cfg, transformer_config, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
+                    post_process: bool = True, vp_stage: Optional[int] = None,
+                    runtime: Optional[KLARuntimeConfig] = None) -> KLAModel:
+    """Build this rank's part of the model (megatron parallel state must be initialised);
+    ``runtime``: how its KLA layers run (default ``KLARuntimeConfig()``)."""
+    return KLAModel(cfg, transformer_config, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage,
+                    runtime=runtime)

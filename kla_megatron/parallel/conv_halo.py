@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from kla_megatron.ops.packing import position_in_document
 
-from .sharding import check_layout, chunk_ids, num_chunks, shard
+from .sharding import MODEL_CP_LAYOUT, check_layout, chunk_ids, num_chunks, shard
 
 ConvFn = Callable[[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]], Tuple[torch.Tensor, torch.Tensor]]
 
@@ -56,7 +56,7 @@ def cp_causal_conv(
     *,
     kernel_size: int,
     cp_group,
-    layout: str = "contiguous",
+    layout: str = MODEL_CP_LAYOUT,
     position_in_doc: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Run a causal conv over this rank's shard as if over the whole sequence.

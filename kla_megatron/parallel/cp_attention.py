@@ -99,7 +99,7 @@ class _GatherSeq(torch.autograd.Function):
         return shard(grad, rank, size, ctx.layout, seq_dim=0), None, None
 
 
-def cp_rotary_embedding(rope, local_length: int, cp_group, layout: str = "load_balanced") -> torch.Tensor:
+def cp_rotary_embedding(rope, local_length: int, cp_group, layout: str = MODEL_CP_LAYOUT) -> torch.Tensor:
     """RoPE table ``[s_local, 1, 1, d]`` for this rank's tokens: megatron's own CP slicing
     (``get_pos_emb_on_this_cp_rank``) moves indices to CUDA, so slice here instead."""
     if cp_group is None or dist.get_world_size(cp_group) == 1:

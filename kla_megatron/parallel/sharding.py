@@ -70,7 +70,7 @@ _GLOBAL_KEYS = ("cu_seqlens", "cu_seqlens_padded", "max_seqlen")
 
 
 def get_cp_shard(
-    batch: Dict[str, Optional[torch.Tensor]], cp_rank: int, cp_size: int, layout: str = "load_balanced"
+    batch: Dict[str, Optional[torch.Tensor]], cp_rank: int, cp_size: int, layout: str = MODEL_CP_LAYOUT
 ) -> Dict[str, Optional[torch.Tensor]]:
     """Give this CP rank its part of a batch (the data path calls this after loading).
 

@@ -47,7 +47,6 @@ import zlib
 import numpy
 import torch
 import torch.distributed as dist
-import yaml
 
 try:
     import xxhash
@@ -55,7 +54,6 @@ except ImportError:  # optional: zlib's crc32 is the fallback
     xxhash = None
 
 MANIFEST = "manifest.json"
-MODEL_CONFIG = "model_config.yaml"
 WRITER = "writer.json"
 LOCK = ".lock"
 CHECKSUM = "xxh3_64" if xxhash is not None else "crc32"
@@ -742,12 +740,6 @@ def set_rng_state(state: dict) -> None:
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
     get_cuda_rng_tracker().set_states(state["tracker"])
-
-
-def save_model_config(tmp: str, model_config: dict) -> None:
-    """``model_config.yaml`` inside the checkpoint (found by ``kla-convert`` without flags)."""
-    with open(os.path.join(tmp, MODEL_CONFIG), "w") as f:
-        yaml.safe_dump(model_config, f, sort_keys=False)
 
 
 def save_rng(tmp: str, rank: int) -> None:

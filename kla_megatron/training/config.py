@@ -1,9 +1,12 @@
 """Typed run configuration: YAML files in ``configs/`` plus ``--set a.b=value`` overrides.
 
-A run config names a model config (``configs/models/<name>.yaml``) and describes everything
-else about the job: parallel layout, batch sizes, optimisation, data, checkpoints, logging and
+A run config holds the model's architecture (``model:`` a name in ``configs/models/``, a YAML
+path, or the model's keys inline; ``--set model.d_state=8`` changes one key) as a
+``KLAModelConfig``, and describes everything else about the job: parallel layout, batch sizes, optimisation, data, checkpoints, logging and
 the engine. Each section is a kw_only dataclass whose ``__post_init__`` checks only that
 section; :meth:`RunConfig.validate_world` checks what needs the world size (the layout).
+How the model runs (scan backend, recompute) is :meth:`RunConfig.runtime`; the trainer builds
+``run.model.with_padded_vocab(parallel.tensor)`` with it, and nothing rewrites ``run.model``.
 
 Errors (all ``ValueError``, documented here because users and tests match on them):
 
@@ -30,10 +33,10 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kla_megatron.configs import RUN_CONFIG_DIR as CONFIG_DIR
+from kla_megatron.layers.runtime import KLARuntimeConfig
+from kla_megatron.models.config import KLAModelConfig, load_model_config, model_config_path, read_model_yaml
 from kla_megatron.yaml_io import parse_yaml
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CONFIG_DIR = REPO_ROOT / "configs"
 
 
 def _one_of(section: str, name: str, value, allowed) -> None:
@@ -137,7 +140,8 @@ class TrainConfig:
     eval_iters: int = 4
     """Global batches per validation."""
     kla_backend: str = "auto"
-    """KLA scan backend; anything but 'auto' replaces the model config's scan_backend."""
+    """KLA scan backend ('auto': Triton on CUDA, the fastest exact torch scan otherwise); the
+    runtime's scan_backend (RunConfig.runtime)."""
 
     def __post_init__(self):
         _positive("train", steps=self.steps, micro_batch_size=self.micro_batch_size,
@@ -304,8 +308,9 @@ class DeepSpeedConfig:
 class RunConfig:
     """One training run."""
 
-    model: str
-    """Model config: a name in configs/models/ or a path to a YAML file."""
+    model: KLAModelConfig
+    """The model's architecture. In YAML: a name in configs/models/, a path to a model YAML file,
+    or a mapping of model config keys."""
     run_name: str = "run"
     engine: str = "megatron"
     """'megatron' (DDP + distributed optimizer, TP/PP/CP) or 'deepspeed' (ZeRO, data parallel only)."""
@@ -338,6 +343,11 @@ class RunConfig:
             raise ValueError(f"parallel layout: train.seq_length {self.train.seq_length} is not divisible by "
                              f"2*context = {2 * cp} (context parallelism cuts every sequence into 2*CP equal "
                              f"chunks, megatron's load-balanced order); change train.seq_length or parallel.context")
+
+    def runtime(self) -> KLARuntimeConfig:
+        """How the model runs in this job: train.kla_backend, and train.recompute 'selective'
+        recomputes the KLA scans in backward."""
+        return KLARuntimeConfig(scan_backend=self.train.kla_backend, recompute_scan=self.train.recompute == "selective")
 
     def validate_world(self, world_size: int) -> int:
         """Check the layout and batch sizes against the world size; returns the data-parallel size."""
@@ -374,6 +384,8 @@ def _type_check(key: str, tp, value, source: str):
             return None
         tp = next(a for a in args if a is not type(None))
         origin = typing.get_origin(tp)
+    if tp is KLAModelConfig:
+        return _model_config(key, value, source)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ValueError(f"{key}: expected a mapping, got {value!r}")
@@ -400,6 +412,28 @@ def _type_check(key: str, tp, value, source: str):
             return value
     name = getattr(tp, "__name__", str(tp))
     raise ValueError(f"{key}: expected {name}, got {value!r}")
+
+
+def _model_config(key: str, value, source: str) -> KLAModelConfig:
+    """``model:`` as a name or path (loaded), a mapping of model keys, or a built config."""
+    if isinstance(value, KLAModelConfig):
+        return value
+    if isinstance(value, dict):
+        return KLAModelConfig.from_dict(value, f"{key} in {source}")
+    if not isinstance(value, str):
+        raise ValueError(f"{key}: expected a model config name, a YAML path or a mapping, got {value!r}")
+    try:
+        return load_model_config(value)
+    except FileNotFoundError as exc:
+        raise ValueError(f"{key}: {exc}") from None
+
+
+def _model_keys(name_or_path: str) -> dict:
+    """The keys a named model config's file sets (so ``--set model.x=...`` can change one)."""
+    try:
+        return read_model_yaml(model_config_path(name_or_path))
+    except FileNotFoundError as exc:
+        raise ValueError(f"model: {exc}") from None
 
 
 def _build(cls, raw: dict, prefix: str = "", source: str = "the config"):
@@ -431,6 +465,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     for text in overrides:
         path, value = parse_override(text)
         node = raw
+        if len(path) > 1 and path[0] == "model" and isinstance(raw.get("model"), str):
+            raw["model"] = _model_keys(raw["model"])
         for part in path[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):

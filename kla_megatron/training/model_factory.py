@@ -7,7 +7,7 @@ from .config import RunConfig
 
 
 def models_api():
-    """The model package: load_model_config, build_kla_model, flops_per_token."""
+    """The model package: build_kla_model, flops_per_token."""
     from kla_megatron import models
 
     return models
@@ -19,29 +19,15 @@ def enable_cpu_megatron() -> None:
     enable()
 
 
-def load_model_config(run: RunConfig):
-    """The run's model config, with the vocabulary padded to a multiple of 128 so that the
-    embedding splits over any power-of-two tensor-parallel size (and so checkpoints reshard
-    between TP sizes: the padded size does not depend on TP). A ``train.seq_length`` above the
-    model's ``max_seq_len`` is rejected (ValueError)."""
-    import dataclasses
-    import math
-
-    try:
-        cfg = models_api().load_model_config(run.model)
-    except FileNotFoundError as exc:
-        raise ValueError(f"model: {exc}") from None
-    if run.train.seq_length > cfg.max_seq_len:
+def model_config(run: RunConfig):
+    """The model this job builds: the run's architecture with the vocabulary padded for its TP size
+    (``KLAModelConfig.padded_vocab_size``). A ``train.seq_length`` above the model's ``max_seq_len``
+    is rejected (ValueError)."""
+    if run.train.seq_length > run.model.max_seq_len:
         raise ValueError(f"train.seq_length {run.train.seq_length} is longer than the model's max_seq_len "
-                         f"{cfg.max_seq_len} ({run.model}); use a model config with max_seq_len >= "
+                         f"{run.model.max_seq_len} ({run.model.name}); use a model config with max_seq_len >= "
                          f"{run.train.seq_length}")
-    if run.train.recompute == "selective":
-        cfg = dataclasses.replace(cfg, recompute_scan=True)
-    if run.train.kla_backend != "auto":
-        cfg = dataclasses.replace(cfg, scan_backend=run.train.kla_backend)
-    multiple = math.lcm(128, run.parallel.tensor)
-    padded = -(-cfg.vocab_size // multiple) * multiple
-    return dataclasses.replace(cfg, vocab_size=padded) if padded != cfg.vocab_size else cfg
+    return run.model.with_padded_vocab(run.parallel.tensor)
 
 
 def transformer_config(run: RunConfig, model_cfg):
@@ -70,7 +56,8 @@ def build_model_chunks(run: RunConfig, model_cfg, tc) -> list[torch.nn.Module]:
         vp_stage = vp if run.parallel.virtual_pipeline else None
         pre = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
         post = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-        chunk = api.build_kla_model(model_cfg, tc, pre_process=pre, post_process=post, vp_stage=vp_stage)
+        chunk = api.build_kla_model(model_cfg, tc, pre_process=pre, post_process=post, vp_stage=vp_stage,
+                                    runtime=run.runtime())
         if torch.cuda.is_available():
             chunk.cuda(torch.cuda.current_device())
         chunks.append(chunk)

@@ -35,7 +35,7 @@ class GroupPolicy:
     def from_config(cls, train, model_cfg) -> "GroupPolicy":
         emb = 1.0 if train.embedding_lr is None else train.embedding_lr / train.lr
         return cls(embedding_lr_mult=emb, ssm_extra=tuple(train.ssm_group_extra),
-                   ssm_lr_mult=float(model_cfg.ssm_lr_mult), decay_conv=train.decay_conv)
+                   ssm_lr_mult=float(model_cfg.mixer.ssm_lr_mult), decay_conv=train.decay_conv)
 
 
 def is_input_embedding(name: str) -> bool:

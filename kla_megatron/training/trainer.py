@@ -19,7 +19,7 @@ from . import checkpoint as ckpt
 from .config import RunConfig
 from .data import build_datasets, rank_micro_batches
 from .metrics import Throughput, Trackers, format_line, memory_gib, peak_tflops
-from .model_factory import enable_cpu_megatron, load_model_config, models_api
+from .model_factory import enable_cpu_megatron, model_config, models_api
 from .preemption import PreemptionHandler
 
 
@@ -91,7 +91,7 @@ class Trainer:
         self.dp_rank = ps.get_data_parallel_rank()
         torch.manual_seed(t.seed)
         model_parallel_cuda_manual_seed(t.seed)
-        self.model_cfg = load_model_config(run)
+        self.model_cfg = model_config(run)
         cached = " (index files are cached for the next run)" if run.data.kind != "mock" else " (mock)"
         with self._phase("building datasets" + cached):
             self.datasets = build_datasets(run, self.model_cfg.vocab_size)
@@ -211,7 +211,7 @@ class Trainer:
             ckpt.save_rng(tmp, self.rank)
             if self.rank == 0:
                 # The architecture travels with the weights: kla-convert reads it from here.
-                ckpt.save_model_config(tmp, self.model_cfg.to_dict())
+                models_api().save_model_config(self.model_cfg, tmp)
         except ckpt.CAUGHT as exc:  # a full disk above all: every rank agrees, the partial save goes
             failure = exc
         ckpt.finish_writes(c.dir, self.step, failure)
