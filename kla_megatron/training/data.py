@@ -105,3 +105,26 @@ def packed_seq_params(tokens: torch.Tensor, eod_id: int):
     max_len = int((cu[1:] - cu[:-1]).max())
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                            max_seqlen_q=max_len, max_seqlen_kv=max_len)
+
+
+def packs_documents(run: RunConfig) -> bool:
+    """Whether batches carry document boundaries to the model (indexed data with packed_documents)."""
+    return run.data.packed_documents and run.data.kind == "indexed"
+
+
+def model_inputs(batch: dict, eod_id: int, packed: bool, device) -> tuple[dict, dict]:
+    """A micro-batch as the model takes it, on ``device``: ``tokens``, ``labels``, ``loss_mask``
+    (float) and ``position_ids``, each ``[b, s]``, and the model's keyword arguments.
+
+    Packed (``packed``), the micro-batch becomes one row of b·s tokens with ``packed_seq_params``:
+    every row end is a document end too, so flattening changes nothing but the layout.
+    """
+    tokens, labels = batch["tokens"].to(device), batch["labels"].to(device)
+    loss_mask = batch["loss_mask"].to(device).float()
+    kwargs = {}
+    if packed:
+        kwargs["packed_seq_params"] = packed_seq_params(tokens, eod_id)
+        tokens, labels, loss_mask = tokens.reshape(1, -1), labels.reshape(1, -1), loss_mask.reshape(1, -1)
+    b, s = tokens.shape
+    position_ids = torch.arange(s, device=device).unsqueeze(0).expand(b, s)
+    return dict(tokens=tokens, labels=labels, loss_mask=loss_mask, position_ids=position_ids), kwargs

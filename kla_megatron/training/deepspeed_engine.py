@@ -15,6 +15,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from . import data as data_mod
 from .config import RunConfig
 from .megatron_engine import StepResult, device
 from .model_factory import build_model_chunks, transformer_config
@@ -97,22 +98,13 @@ class DeepSpeedEngine:
         with _scalar_safe_broadcast():
             self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                       config=deepspeed_config(run, dp))
-        self.packed = run.data.packed_documents and run.data.kind == "indexed"
+        self.packed = data_mod.packs_documents(run)
 
     def _loss_sums(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        from . import data as data_mod
-
-        dev = device()
-        tokens, labels = batch["tokens"].to(dev), batch["labels"].to(dev)
-        mask = batch["loss_mask"].to(dev).float()
-        kwargs = {}
-        if self.packed:
-            kwargs["packed_seq_params"] = data_mod.packed_seq_params(tokens, self.eod_id)
-            tokens, labels, mask = tokens.reshape(1, -1), labels.reshape(1, -1), mask.reshape(1, -1)
-        b, s = tokens.shape
-        position_ids = torch.arange(s, device=dev).unsqueeze(0).expand(b, s)
-        losses = self.engine(tokens, position_ids, None, labels=labels, **kwargs).float()
-        return (losses * mask).sum(), mask.sum()
+        inputs, kwargs = data_mod.model_inputs(batch, self.eod_id, self.packed, device())
+        losses = self.engine(inputs["tokens"], inputs["position_ids"], None, labels=inputs["labels"], **kwargs)
+        mask = inputs["loss_mask"]
+        return (losses.float() * mask).sum(), mask.sum()
 
     def _global(self, loss_sum: float, n: float) -> float:
         t = torch.tensor([loss_sum, n], dtype=torch.float64, device=device())

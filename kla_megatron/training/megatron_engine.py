@@ -48,7 +48,7 @@ class MegatronEngine:
         from megatron.core.transformer.module import Float16Module
 
         self.run, self.eod_id = run, eod_id
-        self.packed = run.data.packed_documents and run.data.kind == "indexed"
+        self.packed = data_mod.packs_documents(run)
         t = run.train
         self.tc = transformer_config(run, model_cfg)
         chunks = build_model_chunks(run, model_cfg, self.tc)
@@ -86,24 +86,11 @@ class MegatronEngine:
     # ------------------------------------------------------------------ steps
 
     def _forward_step(self, data_iterator, model):
-        batch = next(data_iterator)
-        dev = device()
-        tokens, labels = batch["tokens"].to(dev), batch["labels"].to(dev)
-        loss_mask = batch["loss_mask"].to(dev).float()
-        kwargs = {}
-        if self.packed:
-            # Packed sequences are one row (b=1) with cu_seqlens; every row end is a document
-            # end too, so flattening the micro-batch changes nothing but the layout. Built from
-            # the full row before CP sharding: under CP the offsets are global on every rank.
-            kwargs["packed_seq_params"] = data_mod.packed_seq_params(tokens, self.eod_id)
-            tokens, labels, loss_mask = tokens.reshape(1, -1), labels.reshape(1, -1), loss_mask.reshape(1, -1)
-        b, s = tokens.shape
-        position_ids = torch.arange(s, device=dev).unsqueeze(0).expand(b, s)
-        local = get_cp_shard(dict(tokens=tokens, labels=labels, loss_mask=loss_mask, position_ids=position_ids),
-                             self.cp_rank, self.cp_size, MODEL_CP_LAYOUT)
-        loss_mask = local["loss_mask"]
+        # Packing offsets come from the full rows, before CP sharding: global on every CP rank.
+        inputs, kwargs = data_mod.model_inputs(next(data_iterator), self.eod_id, self.packed, device())
+        local = get_cp_shard(inputs, self.cp_rank, self.cp_size, MODEL_CP_LAYOUT)
         output = model(local["tokens"], local["position_ids"], None, labels=local["labels"], **kwargs)
-        return output, functools.partial(self._loss_func, loss_mask)
+        return output, functools.partial(self._loss_func, local["loss_mask"])
 
     def _loss_func(self, loss_mask: torch.Tensor, output_tensor: torch.Tensor):
         """(loss to backprop, token count it is divided by, reported [loss_sum, n_tokens]).
