@@ -42,7 +42,6 @@ MISSING_FIELD = "missing_field"
 FIELD_NOT_STRING = "field_not_string"
 INVALID_UTF8 = "invalid_utf8"
 EMPTY_DOCUMENT = "empty_document"
-PROBLEMS = (MALFORMED_JSON, NOT_AN_OBJECT, MISSING_FIELD, FIELD_NOT_STRING, INVALID_UTF8, EMPTY_DOCUMENT)
 
 _JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 _PARQUET_SUFFIXES = (".parquet", ".pq")

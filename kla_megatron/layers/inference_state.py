@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import torch
 
@@ -30,6 +30,3 @@ class KLAInferenceState:
         if layer_number not in self.layers:
             self.layers[layer_number] = mixer.initial_inference_state(self.batch_size)
         return self.layers[layer_number]
-
-    def get(self, layer_number: int) -> Optional[KLALayerState]:
-        return self.layers.get(layer_number)

@@ -69,20 +69,6 @@ def mixer_from_reference(ref: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor
     return out
 
 
-def mixer_to_reference(ours: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Inverse of ``mixer_from_reference`` (requires H = 1)."""
-    back = {v[0]: (k, v[1]) for k, v in MIXER_NAMES.items()}
-    out = {}
-    for name, tensor in ours.items():
-        if name.endswith("_extra_state"):
-            continue
-        ref, drop_head = back[name]
-        if drop_head and tensor.shape[0] != 1:
-            raise ValueError(f"{name}: the reference has a single head, got H={tensor.shape[0]}")
-        out[ref] = tensor[0] if drop_head else tensor
-    return out
-
-
 def model_from_reference(ref: Dict[str, torch.Tensor], has_mlp: bool = True) -> Dict[str, torch.Tensor]:
     """Reference ``SequenceModel`` state dict → our ``KLAModel`` state dict (TP = PP = 1).
 
