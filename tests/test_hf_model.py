@@ -13,6 +13,7 @@ import torch
 
 from kla_megatron.checkpoint import hf_io, names
 from kla_megatron.hf import KLAConfig, KLAForCausalLM
+from kla_megatron.ops import kla_core
 
 GOLDEN = Path(__file__).resolve().parent / "golden"  # the paper's reference outputs (see its README.md)
 ARCH = dict(vocab_size=61, hidden_size=16, kla_heads=2, d_state=4, num_attention_heads=4, num_query_groups=2,
@@ -114,12 +115,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
 mod = sys.modules[type(model).__module__]
 assert mod._pkg_scan is None, "the exported file must run on its own scan here"
+core = sys.modules[mod.__name__.rsplit(".", 1)[0] + ".kla_core"]  # the copy next to modeling_kla.py
 tokens = torch.tensor(json.loads(sys.argv[2]))
 with torch.no_grad():
     logits = model(tokens, use_cache=False).logits
 tok = AutoTokenizer.from_pretrained(sys.argv[1])
 print(json.dumps({"logits": logits.tolist(), "ids": tok("the lazy fox 12")["input_ids"],
-                  "blocked": [m for m in sys.modules if m.startswith(("kla_megatron", "megatron"))]}))
+                  "blocked": [m for m in sys.modules if m.startswith(("kla_megatron", "megatron"))],
+                  "core": core.__file__}))
 """
 
 
@@ -132,6 +135,7 @@ def test_export_loads_without_our_package(tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_kla.KLAForCausalLM"
     assert (out / "modeling_kla.py").exists() and (out / "tokenizer.model").exists()
+    assert (out / "kla_core.py").read_bytes() == Path(kla_core.__file__).read_bytes()
     tokens = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(5))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(PYTHONNOUSERSITE="1", HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules"))
@@ -142,6 +146,7 @@ def test_export_loads_without_our_package(tmp_path):
     assert start >= 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads(proc.stdout[start:].splitlines()[0])
     assert result["blocked"] == []
+    assert Path(result["core"]).is_relative_to(tmp_path / "hf_modules"), result["core"]
     with torch.no_grad():
         ours = model(tokens, use_cache=False).logits
     torch.testing.assert_close(torch.tensor(result["logits"]), ours, rtol=1e-5, atol=1e-5)
