@@ -16,8 +16,8 @@ data position and the LR schedule start fresh. A run that finds its own checkpoi
 ``checkpoint.dir`` resumes from it instead (so a requeued job does not start over).
 
 The source's architecture must be the run's model (every ``KLAModelConfig`` architecture field
-but ``max_seq_len``); the vocabulary may be smaller than the run's padded one (the trainer pads
-to a multiple of 128) if it covers the model config's ``vocab_size``: the extra rows keep their
+but ``max_seq_len``); the vocabulary may be smaller than the run's padded one
+(``KLAModelConfig.padded_vocab_size``) if it covers the model config's ``vocab_size``: the extra rows keep their
 initialisation. Every problem is a one-line ValueError naming the file and the mismatch.
 
 HF sources are read lazily (safetensors slices): each rank reads only its own shard.

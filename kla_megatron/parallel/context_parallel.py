@@ -26,7 +26,7 @@ from ..ops.kla import kla_scan, triton_available
 from ..ops.kla import transform as tr
 from ..ops.kla.carry import adjoint_to_info, apply_adjoint_map, chunk_transforms, end_adjoint_maps
 from ..ops.kla_core import default_state, state_dtype
-from .sharding import check_layout, chunk_ids, num_chunks
+from .sharding import MODEL_CP_LAYOUT, check_layout, chunk_ids, num_chunks
 
 State = Tuple[torch.Tensor, torch.Tensor]
 
@@ -311,7 +311,7 @@ def cp_kla_scan(
     p: torch.Tensor,
     *,
     cp_group,
-    layout: str = "contiguous",
+    layout: str = MODEL_CP_LAYOUT,
     initial_state: Optional[State] = None,
     output_final_state: bool = False,
     cu_seqlens: Optional[torch.Tensor] = None,
