@@ -115,3 +115,16 @@ def test_throughput_is_tokens_over_time_times_flops(monkeypatch):
     assert got["tokens_per_s"] == pytest.approx(tok_s)
     assert got["tflops_per_device"] == pytest.approx(tok_s * 3e9 / 4 / 1e12)
     assert got["mfu"] == pytest.approx(tok_s * 3e9 / 4 / 1e12 / 989.0)
+
+
+def test_tensorboard_dir_without_tensorboard_is_one_clear_error(monkeypatch, tmp_path):
+    import sys
+
+    from kla_megatron.training.config import LoggingConfig
+    from kla_megatron.training.metrics import Trackers
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
+    with pytest.raises(ValueError, match=r"logging.tensorboard_dir is set but tensorboard is not installed: "
+                                         r"pip install 'kla-megatron\[tensorboard\]'"):
+        Trackers(LoggingConfig(tensorboard_dir=str(tmp_path / "tb")), "run", {}, enabled=True)
+    assert not (tmp_path / "tb").exists()
