@@ -443,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a Hugging Face dataset: a save_to_disk folder, or what datasets.load_dataset opens "
                           "(a local folder of data files, a builder such as json/parquet with --hf-data-files, "
                           "or a hub name where the network allows)")
-    src.add_argument("--hf-split", default="train", help="split of --hf-dataset")
+    src.add_argument("--hf-split", "--split", dest="hf_split", default="train", help="split of --hf-dataset")
     src.add_argument("--hf-config", default=None, help="configuration name of --hf-dataset (load_dataset's name)")
     src.add_argument("--hf-data-files", nargs="+", default=None, help="load_dataset's data_files")
     src.add_argument("--streaming", action="store_true",

@@ -325,6 +325,23 @@ def test_shard_outputs_resume_skips_finished_shards(tok, texts, tmp_path, capsys
     assert {p: (os.stat(p).st_ino, os.stat(p).st_mtime_ns) for p in done} == before
 
 
+def test_shard_with_mostly_bad_documents_stops_the_run_and_keeps_finished_shards(tok, tmp_path, capsys):
+    d = tmp_path / "raw"
+    d.mkdir()
+    (d / "a.txt").write_text("good\nlines\nonly\n")
+    (d / "b.txt").write_bytes(b"good\n\xff bad\n\xfe bad\n")
+    (d / "c.txt").write_text("never reached\n")
+    base = ["--input", str(d), "--tokenizer", tok, "--output-prefix", str(tmp_path / "o"), "--shard-outputs"]
+    rc, line = _main_error(capsys, base)
+    assert rc == 1 and f"shard 1 ({d / 'b.txt'}): 2 of 3 documents were bad (67%" in line
+    assert line.endswith("finished shards are kept and a rerun resumes")
+    shards = tmp_path / "o_shards"
+    assert sorted(os.listdir(shards)) == [f"00000_text_document{e}" for e in (".bin", ".done.json", ".idx")]
+    assert main(base + ["--max-bad-fraction", "1", "--merge", "--no-progress"]) == 0
+    assert "(1 already finished, 2 done now;" in capsys.readouterr().out
+    assert len(_docs(str(tmp_path / "o_text_document"))) == 3 + 1 + 1
+
+
 def test_shard_markers_fingerprint_a_tokenizer_folder(tmp_path):
     """A tokenizer can be a folder (tokenizer.json + config): its files make the fingerprint."""
     from data_tools.shards import _sha256
