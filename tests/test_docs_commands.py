@@ -20,7 +20,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = ["README.md", "launch/README.md", "kla_megatron/checkpoint/README.md", "data_tools/README.md",
-        "configs/README.md", "bench/README.md"]
+        "configs/README.md", "bench/README.md", "recipes/fineweb_edu/README.md"]
 SCRIPTS = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
 MODULES = {target.split(":")[0]: name for name, target in SCRIPTS.items()}
 

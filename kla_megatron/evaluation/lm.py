@@ -13,6 +13,7 @@ tensor). Generation left-pads with an attention mask, which ``KLAForCausalLM`` h
 """
 from __future__ import annotations
 
+import logging
 from typing import List, Optional, Tuple
 
 import torch
@@ -24,6 +25,8 @@ from tqdm import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .loading import Tokenizer
+
+_log = logging.getLogger("kla_megatron.evaluation")
 
 
 class _StopStrings(StoppingCriteria):
@@ -80,8 +83,7 @@ class KLAEvalLM(TemplateLM):
         oldest tokens dropped beyond ``max_length`` (as lm-eval's HFLM does)."""
         whole = context + continuation
         if len(whole) > self.max_length + 1 and not self._warned_truncation:
-            lm_utils.eval_logger.warning(f"kla-eval: requests longer than max_length {self.max_length} are "
-                                         "truncated from the left")
+            _log.warning(f"kla-eval: requests longer than max_length {self.max_length} are truncated from the left")
             self._warned_truncation = True
         return whole[-(self.max_length + 1):][:-1]
 
