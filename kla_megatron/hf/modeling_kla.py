@@ -42,9 +42,8 @@ from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 from transformers.utils import generic as _generic
 
-from .kla_core import (DT_INIT_FLOOR, DT_MAX, DT_MIN, LAMBDA_SKIP_INIT, P_INIT, default_state, dynamics,
-                       filter_scan, filter_step, initial_delta_raw, state_dtype, torch_causal_conv1d,
-                       torch_sensor_activations)
+from .kla_core import (LAMBDA_SKIP_INIT, P_INIT, default_state, dynamics, filter_scan, filter_step,
+                       initial_delta_raw, state_dtype, torch_causal_conv1d, torch_sensor_activations)
 
 try:  # our kernels when the package is installed; the exported file must not need them
     from kla_megatron.ops.kla import kla_decode_step as _pkg_decode_step
@@ -249,13 +248,11 @@ class KLAMixer(nn.Module):
         self.conv_bias = nn.Parameter(torch.zeros(M))
         self.sensor_weight = nn.Parameter(torch.randn(H, self.w_v + self.w_var + 2 * S, self.P) * 0.02)
         self.var_expand = nn.Parameter(torch.randn(H, self.P, self.w_var) * 0.02) if self.preset == "mamba" else None
-        # The megatron mixer's initial values (KLAMixerConfig's defaults); loading weights replaces them.
-        dt_range = (getattr(config, name, default) for name, default in
-                    (("dt_min", DT_MIN), ("dt_max", DT_MAX), ("dt_init_floor", DT_INIT_FLOOR)))
-        self.delta_raw = nn.Parameter(initial_delta_raw((H, self.P, S), *dt_range).float())
+        # KLAMixerConfig's default initial values (the HF config has no init fields); loaded weights replace them.
+        self.delta_raw = nn.Parameter(initial_delta_raw((H, self.P, S)).float())
         self.A_log = nn.Parameter(torch.zeros(H, self.P, S))
-        self.p = nn.Parameter(torch.full((H, self.P, S), getattr(config, "p_init", P_INIT)))
-        self.lambda_skip = nn.Parameter(torch.tensor(getattr(config, "lambda_skip_init", LAMBDA_SKIP_INIT)))
+        self.p = nn.Parameter(torch.full((H, self.P, S), P_INIT))
+        self.lambda_skip = nn.Parameter(torch.tensor(LAMBDA_SKIP_INIT))
 
     def _sensors(self, z):
         b, s, _ = z.shape

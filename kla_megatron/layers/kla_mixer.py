@@ -53,9 +53,10 @@ from megatron.core.transformer.utils import (
 from megatron.core.utils import divide
 
 from kla_megatron.ops.conv import causal_conv1d
-from kla_megatron.ops.kla import discretize, kla_decode_step
+from kla_megatron.ops import kla_core
+from kla_megatron.ops.kla import kla_decode_step
 from kla_megatron.ops.kla.gate import gated_output
-from kla_megatron.ops.kla.sensors import sensor_activations, torch_sensor_activations
+from kla_megatron.ops.kla.sensors import sensor_activations
 from kla_megatron.parallel.kla_context_parallel import KLAContextParallel
 
 from .inference_state import KLALayerState
@@ -63,7 +64,6 @@ from .runtime import KLARuntimeConfig
 from .sharding import split_sharded_tensor
 
 PRESETS = ("plain", "mamba")
-P_MIN = 1e-7  # learned process noise is clamped here (reference); keeps p ≥ 0
 
 
 @dataclass(kw_only=True)
@@ -86,15 +86,15 @@ class KLAMixerConfig:
     Each head gets var_rank/H."""
     ssm_lr_mult: float = 0.1
     """Learning-rate multiplier the optimizer applies to A_log, Δ_raw, p."""
-    dt_min: float = 1e-3
+    dt_min: float = kla_core.DT_MIN
     """Δ initialisation: log-uniform in [dt_min, dt_max] ..."""
-    dt_max: float = 1e-1
+    dt_max: float = kla_core.DT_MAX
     """... upper end of that range."""
-    dt_init_floor: float = 1e-4
+    dt_init_floor: float = kla_core.DT_INIT_FLOOR
     """... and Δ is floored here before being stored pre-softplus."""
-    p_init: float = 0.01
+    p_init: float = kla_core.P_INIT
     """Initial continuous process noise p (the reference's `process_noise_scale`)."""
-    lambda_skip_init: float = -1.0
+    lambda_skip_init: float = kla_core.LAMBDA_SKIP_INIT
     """Initial λ_skip (scalar skip weight from the post-conv stream)."""
 
     def __post_init__(self):
@@ -258,11 +258,8 @@ class KLAMixer(MegatronModule):
         else:
             self.var_expand = None
 
-        # Δ log-uniform in [dt_min, dt_max] (floored), stored pre-softplus.
-        log_lo, log_hi = math.log(mc.dt_min), math.log(mc.dt_max)
-        dt = torch.exp(torch.rand(H, P, S, dtype=torch.float64) * (log_hi - log_lo) + log_lo)
-        dt = dt.clamp_min(mc.dt_init_floor)
-        self.delta_raw = self._new_param(dt + torch.log(-torch.expm1(-dt)), dtype=fp32)
+        delta_raw = kla_core.initial_delta_raw((H, P, S), mc.dt_min, mc.dt_max, mc.dt_init_floor)
+        self.delta_raw = self._new_param(delta_raw, dtype=fp32)
         self.A_log = self._new_param(torch.zeros(H, P, S), dtype=fp32)
         self.p = self._new_param(torch.full((H, P, S), mc.p_init), dtype=fp32)
         for name in ("delta_raw", "A_log", "p"):
@@ -287,9 +284,7 @@ class KLAMixer(MegatronModule):
 
     def dynamics(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """Discrete (ā, p̄) ``[H_local, P, S]`` in fp32 (fp64 for an fp64 model)."""
-        dtype = torch.float64 if self.A_log.dtype == torch.float64 else torch.float32
-        p = self.p.to(dtype).clamp_min(P_MIN)
-        return discretize(self.A_log.to(dtype), self.delta_raw.to(dtype), p)
+        return kla_core.dynamics(self.A_log, self.delta_raw, self.p)
 
     # ------------------------------------------------------------------ pieces
 
@@ -326,7 +321,7 @@ class KLAMixer(MegatronModule):
             return sensor_activations(sens, S, backend=self.runtime.scan_backend)
         log_var, k, q = (x.permute(1, 2, 0, 3) for x in torch.split(sens, [self.w_var, S, S], dim=-1))
         log_var = torch.einsum("bshr,hpr->bshp", log_var, self.var_expand.to(z.dtype))
-        return torch_sensor_activations(z.view(b, s, H, P), log_var, k, q)
+        return kla_core.torch_sensor_activations(z.view(b, s, H, P), log_var, k, q)
 
     def scan(self, v, lambda_v, k, q, a, p, initial_state=None, cu_seqlens=None, output_final_state=False,
              output_variance=True):
@@ -418,12 +413,11 @@ class KLAMixer(MegatronModule):
     def initial_inference_state(self, batch_size: int, device=None) -> KLALayerState:
         """Fresh recurrent state: zero conv window, λ = 1, η = 0 (fp32)."""
         device = device or self.A_log.device
-        dtype = torch.float64 if self.A_log.dtype == torch.float64 else torch.float32
         shape = (batch_size, self.num_heads_local, self.head_dim, self.d_state)
         return KLALayerState(
             conv=torch.zeros(batch_size, self.d_inner_local, self.mc.conv_kernel - 1, device=device,
                              dtype=self.conv_weight.dtype),
-            ssm=(torch.ones(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)),
+            ssm=kla_core.default_state(shape, dtype=kla_core.state_dtype(self.A_log), device=device),
         )
 
     # ------------------------------------------------------------------ checkpoint
