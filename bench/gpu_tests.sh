@@ -15,8 +15,9 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 python3 -c "import megatron.core" 2>/dev/null ||
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir .whl/megatron_core-*.whl || exit 1
 
-cmd=(python3 -m pytest -q -p no:cacheprovider -m "gpu or multigpu" -rfEs "$@")
-"${cmd[@]}" > "$OUT/gpu_tests.log" 2>&1
+cmd=(python3 -m pytest -v -p no:cacheprovider -m "gpu or multigpu" -rfEs "$@")
+# TIMEOUT_S bounds the whole run; the entry is written either way (exit code 124: cut short)
+timeout "${TIMEOUT_S:-3600}" "${cmd[@]}" > "$OUT/gpu_tests.log" 2>&1
 rc=$?
 {
   echo
@@ -28,6 +29,10 @@ rc=$?
   echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo ' + uncommitted changes')"
   echo "\$ $(printf '%q ' "${cmd[@]}")"
   grep -E "^(FAILED|ERROR|SKIPPED)|passed|failed|error" "$OUT/gpu_tests.log" | tail -40
+  if [ "$rc" = 124 ]; then
+    echo "stopped after TIMEOUT_S=${TIMEOUT_S:-3600} s: $(grep -c ' PASSED' "$OUT/gpu_tests.log") passed, $(grep -c ' SKIPPED' "$OUT/gpu_tests.log") skipped so far"
+    grep -E ' (FAILED|ERROR)' "$OUT/gpu_tests.log" | head -20
+  fi
   echo "exit code $rc"
   echo '```'
 } > "$OUT/gpu_tests.md"
