@@ -81,16 +81,67 @@ def open_stream(path: str) -> Tuple[BinaryIO, Callable[[], int]]:
         elif codec == "xz":
             stream = lzma.LZMAFile(io.BufferedReader(raw, 1 << 20), mode="rb")
         elif codec == "zstd":
-            import zstandard
-
-            reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True)
-            stream = io.BufferedReader(reader, 1 << 20)
+            stream = io.BufferedReader(_ZstdFrames(raw), 1 << 20)
         else:
             stream = io.BufferedReader(raw, 1 << 20)
     except BaseException:
         raw.close()
         raise
     return _Closing(stream, raw), raw.tell
+
+
+class _ZstdFrames(io.RawIOBase):
+    """zstd frames one after another (parallel compressors write several), decompressed.
+
+    Unlike zstandard's stream reader, a file that ends inside a frame (a truncated download)
+    raises EOFError, as gzip and xz do, instead of ending quietly."""
+
+    def __init__(self, raw):
+        import zstandard
+
+        self._raw, self._dctx = raw, zstandard.ZstdDecompressor()
+        self._frame = self._dctx.decompressobj()
+        self._started = False  # bytes of the current frame were fed
+        self._out, self._pos = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while self._pos == len(self._out):
+            data = self._raw.read(1 << 20)
+            if not data:
+                if self._started and not self._frame.eof:
+                    raise EOFError("zstd data ends inside a frame (truncated file)")
+                return 0
+            self._out, self._pos = self._decompress(data), 0
+        n = min(len(buffer), len(self._out) - self._pos)
+        buffer[:n] = memoryview(self._out)[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def _decompress(self, data: bytes) -> bytes:
+        out = []
+        while data:
+            if self._frame.eof:  # the previous frame is complete: the next one starts here
+                self._frame = self._dctx.decompressobj()
+            self._started = True
+            out.append(self._frame.decompress(data))
+            data = self._frame.unused_data if self._frame.eof else b""
+        return b"".join(out)
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+def decompression_errors() -> tuple:
+    """What reading a damaged compressed file raises (EOFError for a truncated one)."""
+    import zlib
+
+    import zstandard
+
+    return EOFError, gzip.BadGzipFile, zlib.error, lzma.LZMAError, zstandard.ZstdError
 
 
 class _Closing(io.BufferedIOBase):

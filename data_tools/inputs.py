@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from contextlib import contextmanager
 from typing import BinaryIO, Iterator, List, Optional, Tuple
 
-from .filetypes import BinaryInputError, open_stream, sniff
+from .filetypes import BinaryInputError, decompression_errors, open_stream, sniff
 
 FORMATS = ("auto", "jsonl", "text", "parquet")
 TEXT_MODES = ("line", "paragraph", "file")
@@ -198,7 +198,16 @@ def text_documents(path: str, fmt: str, text_mode: str = "line"):
         raise ValueError(f"text mode must be one of {TEXT_MODES}, got {text_mode!r}")
     stream, position = open_stream(path)
     with stream:
-        yield _documents(stream, fmt, text_mode), position
+        yield _checked(path, _documents(stream, fmt, text_mode)), position
+
+
+def _checked(path: str, documents: Iterator[Tuple[int, bytes]]) -> Iterator[Tuple[int, bytes]]:
+    """A damaged or truncated compressed file is a one-line error naming it, not a traceback."""
+    try:
+        yield from documents
+    except decompression_errors() as e:
+        raise ValueError(f"input {path} is truncated or damaged: it could not be decompressed to its end "
+                         f"({type(e).__name__}: {e})") from None
 
 
 def _documents(f: BinaryIO, fmt: str, text_mode: str) -> Iterator[Tuple[int, bytes]]:

@@ -162,6 +162,19 @@ def test_zst_xz_gz_read_like_plain(tok, texts, tmp_path):
         assert _bytes(s.dataset_prefix) == _bytes(ref.dataset_prefix), name
 
 
+@pytest.mark.parametrize("codec", ["gz", "xz", "zst"])
+def test_truncated_compressed_input_is_one_line(tok, tmp_path, capsys, codec):
+    import zstandard
+
+    raw = "".join(json.dumps({"text": f"document {i} " * 40}) + "\n" for i in range(2000)).encode()
+    data = {"gz": gzip.compress, "xz": lzma.compress, "zst": zstandard.ZstdCompressor().compress}[codec](raw)
+    path = tmp_path / f"cut.jsonl.{codec}"
+    path.write_bytes(data[: len(data) * 2 // 3])  # a download that stopped early
+    rc, line = _main_error(capsys, ["--input", str(path), "--tokenizer", tok, "--output-prefix", str(tmp_path / "o")])
+    assert rc == 1 and f"input {path} is truncated or damaged: it could not be decompressed to its end" in line
+    assert sorted(os.listdir(tmp_path)) == [path.name]
+
+
 def test_directory_and_glob_inputs_sorted(tok, tmp_path, capsys):
     d = tmp_path / "raw"
     (d / "sub").mkdir(parents=True)
