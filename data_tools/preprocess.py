@@ -210,7 +210,7 @@ def _encode_in_order(items: Iterable, cfg: PreprocessConfig) -> Iterator[Encoded
             close_cached()  # the parquet file this process read row groups from
         return
     # spawn: workers start clean (no copy of torch/megatron state, no fork-with-threads
-    # hazards) and import only numpy + sentencepiece.
+    # hazards) and import only numpy, the tokenizer libraries and (for parquet) pyarrow.
     pool = multiprocessing.get_context("spawn").Pool(cfg.workers, initializer=init_worker, initargs=init_args)
     try:
         # A bounded window of async results instead of Pool.imap: imap's feeder thread
@@ -300,6 +300,9 @@ class _Source:
 
     def __init__(self, cfg: PreprocessConfig):
         self.hf, self.outputs, self.skipped = None, None, 0
+        writes_final = not cfg.shard_outputs or cfg.merge
+        if writes_final:  # before any (possibly long) loading
+            check_output_free(cfg.dataset_prefix, cfg.overwrite)
         if cfg.hf_dataset:
             from . import hf_input
 
@@ -316,10 +319,7 @@ class _Source:
                 todo = [s for s in mine if not self.outputs.is_done(s)]
                 self.skipped = len(mine) - len(todo)
             self.todo = [check_shard(s, cfg.input_format, cfg.json_key) for s in todo]
-        writes_final = not cfg.shard_outputs or cfg.merge
         self.summary_prefix = cfg.dataset_prefix if writes_final else self.outputs.directory
-        if writes_final:
-            check_output_free(cfg.dataset_prefix, cfg.overwrite)
 
     @property
     def total_bytes(self) -> Optional[int]:
