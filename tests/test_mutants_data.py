@@ -1,0 +1,77 @@
+"""training/data.py below the trainer: the tokenizer check, the mock datasets' sizes and EOD id,
+which global samples each data-parallel rank's micro-batches hold, and the model inputs of a
+packed and an unpacked micro-batch, against values written out by hand. Written against
+bench/mutation.sh's surviving mutants (the trainer runs in tests/test_train.py reach the same
+code, too slowly to run once per mutant)."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from kla_megatron.training import data, tokenizer
+from kla_megatron.training.config import load_run_config
+
+VOCAB = 64
+
+
+def _run(*overrides):
+    raw = {"model": "kla_tiny", "train": {"steps": 3, "micro_batch_size": 2, "global_batch_size": 4,
+                                          "seq_length": 16}}
+    return load_run_config(raw=raw, overrides=list(overrides))
+
+
+def test_mock_datasets_cover_every_step_and_eod_is_the_last_id():
+    ds = data.build_datasets(_run("train.eval_interval=0"), VOCAB)
+    assert ds.valid is None and ds.eod_id == VOCAB - 1
+    assert len(ds.train) >= 3 * 4
+    sample = ds.train[11]
+    assert sample["tokens"].shape == (16,) and int(sample["tokens"].max()) < VOCAB
+    with_valid = data.build_datasets(_run("train.eval_interval=1", "train.eval_iters=2"), VOCAB)
+    assert with_valid.valid is not None and len(with_valid.valid) >= 2 * 4
+
+
+def test_indexed_tokenizer_must_fit_the_model_vocabulary(monkeypatch):
+    run = _run("data.kind=indexed", "data.blend=[x_text_document]", "data.tokenizer=tok.model")
+    monkeypatch.setattr(tokenizer, "load_tokenizer", lambda path: SimpleNamespace(vocab_size=VOCAB, path=path))
+    assert data._tokenizer(run, VOCAB).path == "tok.model"  # exactly the model's vocab fits
+    with pytest.raises(ValueError, match="tok.model has 64 tokens but the model's vocab_size is 63"):
+        data._tokenizer(run, VOCAB - 1)
+
+
+class _Samples:
+    def __getitem__(self, i):
+        return {"tokens": [i, i], "labels": [i + 100], "loss_mask": [i % 2]}
+
+
+@pytest.mark.parametrize("dp_rank, micro_batches", [(0, [[16, 17], [18, 19]]), (1, [[20, 21], [22, 23]])])
+def test_each_rank_takes_its_contiguous_share_of_the_global_batch(dp_rank, micro_batches):
+    run = SimpleNamespace(train=SimpleNamespace(global_batch_size=8, micro_batch_size=2))
+    batches = data.rank_micro_batches(_Samples(), 16, run, dp_rank, 2)
+    assert [b["tokens"][:, 0].tolist() for b in batches] == micro_batches
+    assert [b["labels"].tolist() for b in batches] == [[[i + 100] for i in mb] for mb in micro_batches]
+    assert [b["loss_mask"].tolist() for b in batches] == [[[0], [1]]] * 2
+    assert batches[0]["tokens"].shape == (2, 2)
+
+
+def test_documents_are_packed_only_for_indexed_data():
+    run = SimpleNamespace(data=SimpleNamespace(packed_documents=True, kind="indexed"))
+    assert data.packs_documents(run)
+    run.data.kind = "mock"
+    assert not data.packs_documents(run)
+    run.data.kind, run.data.packed_documents = "indexed", False
+    assert not data.packs_documents(run)
+
+
+def test_model_inputs_unpacked_and_packed():
+    batch = {"tokens": torch.tensor([[5, 1, 6], [7, 8, 9]]), "labels": torch.tensor([[1, 6, 2], [8, 9, 3]]),
+             "loss_mask": torch.tensor([[1, 1, 0], [1, 0, 1]])}
+    inputs, kwargs = data.model_inputs(batch, 1, False, "cpu")
+    assert kwargs == {} and inputs["loss_mask"].dtype == torch.float32
+    assert inputs["position_ids"].tolist() == [[0, 1, 2], [0, 1, 2]]
+    assert inputs["tokens"].tolist() == [[5, 1, 6], [7, 8, 9]] and inputs["labels"].tolist() == [[1, 6, 2], [8, 9, 3]]
+    inputs, kwargs = data.model_inputs(batch, 1, True, "cpu")
+    assert inputs["tokens"].tolist() == [[5, 1, 6, 7, 8, 9]] and inputs["labels"].tolist() == [[1, 6, 2, 8, 9, 3]]
+    assert inputs["loss_mask"].tolist() == [[1.0, 1.0, 0.0, 1.0, 0.0, 1.0]]
+    assert inputs["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5]]
+    assert kwargs["packed_seq_params"].cu_seqlens_q.tolist() == [0, 2, 3, 6]
+    assert kwargs["packed_seq_params"].max_seqlen_q == 3
