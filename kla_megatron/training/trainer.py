@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
+from kla_megatron.parallel.local_ranks import free_port
 
 from . import checkpoint as ckpt
 from .config import RunConfig
@@ -43,6 +44,20 @@ class History:
     """The resumed checkpoint was already at the last step: nothing was trained or saved."""
 
 
+@dataclass
+class _Loop:
+    """What the training loop carries from one step to the next."""
+
+    meter: Throughput
+    preempt: PreemptionHandler
+    last: int
+    """The step to stop after (train.exit_at_step or train.steps)."""
+    skipped_in_a_row: int = 0
+    skipped_total: int = 0
+    interval_losses: list[float] = field(default_factory=list)
+    """Losses of the finite steps since the last log line."""
+
+
 def init_distributed() -> None:
     """Join the process group torchrun/srun set up, or make a one-rank group for a plain run."""
     if dist.is_initialized():
@@ -57,9 +72,7 @@ def init_distributed() -> None:
     if "MASTER_PORT" not in os.environ:
         if os.environ["WORLD_SIZE"] != "1":
             raise ValueError("MASTER_PORT is not set: launch multi-rank runs with torchrun or srun")
-        with socket.socket() as s:  # a plain one-process run: any free port
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        os.environ["MASTER_PORT"] = str(free_port())  # a plain one-process run: any free port
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -223,82 +236,121 @@ class Trainer:
     # ------------------------------------------------------------------ loop
 
     def train(self) -> History:
-        run, t = self.run, self.run.train
+        """Resume (or take init_from weights), then step until train.steps (or exit_at_step) or a
+        signal; each step: skip or abort a non-finite one, log, validate, checkpoint."""
         self.resume()
         from kla_megatron.checkpoint.init_from import init_from_weights
         init_from_weights(self)  # checkpoint.init_from: weights only, when nothing was resumed
-        if self.history.resumed_from and self.step >= (t.exit_at_step or t.steps):
-            reached = ("the run is complete" if self.step >= t.steps
-                       else f"train.exit_at_step={t.exit_at_step} is reached")
-            self.log(f"{reached}: {self.history.resumed_from} is at step {self.step} of {t.steps}; nothing to do "
-                     "(raise train.steps to train further)")
-            self.history.already_complete = True
-            self.history.final_step = self.step
-            self.history.last_checkpoint = self.history.resumed_from
+        if self._resumed_at_the_end():
             return self.history
         self._banner()
         started, start_step = time.perf_counter(), self.step
-        preempt = PreemptionHandler()
-        fpt = models_api().flops_per_token(self.model_cfg, t.seq_length)
-        meter = Throughput(fpt, self.world, peak_tflops(run.logging))
-        skipped_in_a_row = skipped_total = 0
-        interval_losses = []
+        t = self.run.train
+        meter = Throughput(models_api().flops_per_token(self.model_cfg, t.seq_length), self.world,
+                           peak_tflops(self.run.logging))
+        loop = _Loop(meter=meter, preempt=PreemptionHandler(), last=t.exit_at_step or t.steps)
         try:
-            last = t.exit_at_step or t.steps
-            if self.step < last:
-                self.log(f"step {self.step + 1} runs first-use work (kernel compilation, "
-                         "autotuning); the first log line may take a while")
-            while self.step < last:
-                result = self.engine.train_step(self._global_batch(), self.step)
-                self.step += 1
-                self.consumed_samples += t.global_batch_size
-                meter.add(t.global_batch_size * t.seq_length)
-                if result.skipped:
-                    skipped_in_a_row += 1
-                    skipped_total += 1
-                    msg = f"step {self.step}: non-finite loss or gradient (loss {result.loss})"
-                    if t.nan_policy == "abort" or skipped_in_a_row > t.max_skipped_steps:
-                        raise NonFiniteError(msg + "; aborting, the last good checkpoint is left intact")
-                    self.log(msg + "; step skipped")
-                else:
-                    skipped_in_a_row = 0
-                    self.history.losses[self.step] = result.loss
-                    self.history.grad_norms[self.step] = result.grad_norm
-                    interval_losses.append(result.loss)
-                if self.step % run.logging.interval == 0 or self.step == t.steps:
-                    m = {"loss": sum(interval_losses) / max(1, len(interval_losses)), "lr": result.lr,
-                         "grad_norm": result.grad_norm, "mem_gib": memory_gib(), "skipped": skipped_total,
-                         **meter.report()}
-                    interval_losses = []
-                    self.history.metrics = m
-                    self.log(format_line(self.step, t.steps, m))
-                    self.trackers.log({f"train/{k}": v for k, v in m.items()}, self.step)
-                if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.steps):
-                    meter.pause()
-                    v = self._validate()
-                    meter.resume()
-                    self.history.valid[self.step] = v
-                    self.log(f"step {self.step}/{t.steps} | validation loss {v:.4f}")
-                    self.trackers.log({"valid/loss": v}, self.step)
-                if preempt.should_stop():
-                    self.log(f"received signal {preempt.received or '(on another rank)'}: "
-                             f"checkpointing at step {self.step} and exiting")
-                    self.history.stopped_by_signal = True
-                    self.save()
-                    break
-                c = run.checkpoint
-                if c.save_interval and self.step % c.save_interval == 0 and self.step < last:
-                    meter.pause()
-                    self.save()
-                    meter.resume()
-            else:
-                if run.checkpoint.save_at_end:
-                    self.save()
+            self._run_steps(loop)
         finally:
-            preempt.restore()
+            loop.preempt.restore()
         self.history.final_step = self.step
         self._summary(time.perf_counter() - started, self.step - start_step)
         return self.history
+
+    def _resumed_at_the_end(self) -> bool:
+        """Whether the resumed checkpoint is already at the last step (then say so: nothing to do)."""
+        t, h = self.run.train, self.history
+        if not (h.resumed_from and self.step >= (t.exit_at_step or t.steps)):
+            return False
+        reached = "the run is complete" if self.step >= t.steps else f"train.exit_at_step={t.exit_at_step} is reached"
+        self.log(f"{reached}: {h.resumed_from} is at step {self.step} of {t.steps}; nothing to do "
+                 "(raise train.steps to train further)")
+        h.already_complete, h.final_step, h.last_checkpoint = True, self.step, h.resumed_from
+        return True
+
+    def _run_steps(self, loop: _Loop) -> None:
+        if self.step < loop.last:
+            self.log(f"step {self.step + 1} runs first-use work (kernel compilation, "
+                     "autotuning); the first log line may take a while")
+        while self.step < loop.last:
+            result = self._train_step(loop)
+            self._skip_or_abort(result, loop)
+            self._log_interval(result, loop)
+            self._validate_interval(loop)
+            if self._stop_on_signal(loop):
+                return
+            self._save_interval(loop)
+        if self.run.checkpoint.save_at_end:
+            self.save()
+
+    def _train_step(self, loop: _Loop):
+        """One optimizer step on the next global batch; advances the step and the data position."""
+        t = self.run.train
+        result = self.engine.train_step(self._global_batch(), self.step)
+        self.step += 1
+        self.consumed_samples += t.global_batch_size
+        loop.meter.add(t.global_batch_size * t.seq_length)
+        return result
+
+    def _skip_or_abort(self, result, loop: _Loop) -> None:
+        """A non-finite step is skipped, or aborts the run (nan_policy 'abort', or more than
+        max_skipped_steps in a row); a finite one is recorded."""
+        t = self.run.train
+        if not result.skipped:
+            loop.skipped_in_a_row = 0
+            self.history.losses[self.step] = result.loss
+            self.history.grad_norms[self.step] = result.grad_norm
+            loop.interval_losses.append(result.loss)
+            return
+        loop.skipped_in_a_row += 1
+        loop.skipped_total += 1
+        msg = f"step {self.step}: non-finite loss or gradient (loss {result.loss})"
+        if t.nan_policy == "abort" or loop.skipped_in_a_row > t.max_skipped_steps:
+            raise NonFiniteError(msg + "; aborting, the last good checkpoint is left intact")
+        self.log(msg + "; step skipped")
+
+    def _log_interval(self, result, loop: _Loop) -> None:
+        """Every logging.interval steps and at the last: the mean loss since the last line and the rest."""
+        t = self.run.train
+        if not (self.step % self.run.logging.interval == 0 or self.step == t.steps):
+            return
+        m = {"loss": sum(loop.interval_losses) / max(1, len(loop.interval_losses)), "lr": result.lr,
+             "grad_norm": result.grad_norm, "mem_gib": memory_gib(), "skipped": loop.skipped_total,
+             **loop.meter.report()}
+        loop.interval_losses = []
+        self.history.metrics = m
+        self.log(format_line(self.step, t.steps, m))
+        self.trackers.log({f"train/{k}": v for k, v in m.items()}, self.step)
+
+    def _validate_interval(self, loop: _Loop) -> None:
+        """Every train.eval_interval steps and at the last (off the throughput clock)."""
+        t = self.run.train
+        if not (t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.steps)):
+            return
+        loop.meter.pause()
+        v = self._validate()
+        loop.meter.resume()
+        self.history.valid[self.step] = v
+        self.log(f"step {self.step}/{t.steps} | validation loss {v:.4f}")
+        self.trackers.log({"valid/loss": v}, self.step)
+
+    def _stop_on_signal(self, loop: _Loop) -> bool:
+        """A preemption signal on any rank: checkpoint now and stop."""
+        if not loop.preempt.should_stop():
+            return False
+        self.log(f"received signal {loop.preempt.received or '(on another rank)'}: "
+                 f"checkpointing at step {self.step} and exiting")
+        self.history.stopped_by_signal = True
+        self.save()
+        return True
+
+    def _save_interval(self, loop: _Loop) -> None:
+        """Every checkpoint.save_interval steps before the last (the last one saves after the loop)."""
+        c = self.run.checkpoint
+        if c.save_interval and self.step % c.save_interval == 0 and self.step < loop.last:
+            loop.meter.pause()
+            self.save()
+            loop.meter.resume()
 
     def _banner(self) -> None:
         """What runs, on what, from where: one block before the first step."""
