@@ -186,3 +186,52 @@ def test_chained_submissions_resume_one_after_another(slurm, tmp_path):
     assert 2 <= stop < steps and max(step_lines(log1)) == stop
     assert f"resumed from {tmp_path / 'ck'}/iter_{stop:07d} at step {stop}" in log2, log2[-3000:]
     assert sorted(step_lines(log2)) == list(range(stop + 1, steps + 1))
+
+
+@pytest.mark.slow
+def test_preprocess_array_then_dependent_merge(slurm, tmp_path):
+    """launch/slurm/preprocess_array.sbatch: a 2-task array tokenizes 3 shards, a job that waits
+    for the array (afterok) merges them; the result equals one kla-preprocess run.
+    65 s on the shared 2-core machine (3 jobs, each importing megatron-core)."""
+    import json
+
+    from data_tools.preprocess import PreprocessConfig, preprocess
+    from data_tools.sample_corpus import sample_documents
+    from data_tools.train_tokenizer import TokenizerConfig, train_tokenizer
+
+    texts = [t for _, t in sample_documents()]
+    raw, logs = tmp_path / "raw", tmp_path / "logs"
+    raw.mkdir()
+    logs.mkdir()
+    for i in range(3):
+        (raw / f"part-{i}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[i::3]))
+    train_tokenizer(TokenizerConfig(inputs=[str(raw / "part-0.jsonl")], output_prefix=str(tmp_path / "tok"),
+                                    vocab_size=512, num_threads=1))
+    args = ["--input", str(raw), "--tokenizer", str(tmp_path / "tok.model"), "--output-prefix", str(tmp_path / "out")]
+
+    def sbatch(*opts):
+        r = subprocess.run(["sbatch", "--parsable", "--cpus-per-task=1", "--time=00:10:00", *opts,
+                            "launch/slurm/preprocess_array.sbatch", *args],
+                           capture_output=True, text=True, env=slurm, cwd=REPO, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.strip().split(";")[0]
+
+    array = sbatch("--array=0-1", f"--output={logs}/%x-%A_%a.out")
+    merge = sbatch(f"--dependency=afterok:{array}", "--export=ALL,KLA_MERGE=1", f"--output={logs}/merge-%j.out")
+
+    def record():
+        return subprocess.run(["scontrol", "show", "job", "-o", merge], capture_output=True, text=True,
+                              env=slurm).stdout
+
+    final = poll(record, lambda r: not re.search(r"JobState=(PENDING|RUNNING|CONFIGURING|COMPLETING)", r)
+                 or "DependencyNeverSatisfied" in r, 300, f"merge job {merge}")
+    out = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted(logs.glob("*.out")))
+    assert "JobState=COMPLETED" in final and "ExitCode=0:0" in final, final + out
+    for task in (0, 1):
+        log = (logs / f"kla-preprocess-{array}_{task}.out").read_text()
+        assert f"--task-index {task} --task-count 2" in log and "shards         3" in log, out
+    assert "(3 already finished, 0 done now;" in (logs / f"merge-{merge}.out").read_text(), out
+    whole = preprocess(PreprocessConfig(inputs=[str(raw)], tokenizer_model=str(tmp_path / "tok.model"),
+                                        output_prefix=str(tmp_path / "whole"), progress=False))
+    for ext in (".bin", ".idx"):
+        assert (tmp_path / f"out_text_document{ext}").read_bytes() == Path(whole.dataset_prefix + ext).read_bytes()
