@@ -3,7 +3,8 @@ launch/slurm/local_cluster.sh (Debian slurm-wlm + munge, installed with apt-get 
 
 - multi_node.sbatch trains the tiny model for a few steps over 2 nodes and exits 0;
 - preemption: SIGUSR1 to the batch shell (what `--signal=B:USR1@s` does before the time limit)
-  -> the trainer checkpoints and exits -> job.sh requeues -> the job resumes from the checkpoint.
+  -> the trainer checkpoints and exits -> job.sh requeues -> the job resumes from the checkpoint;
+- preprocess_array.sbatch tokenizes shards on a job array and a dependent job merges them.
 Skipped, with the reason, when the cluster cannot be set up (not root, no apt, no packages)."""
 import fcntl
 import os
