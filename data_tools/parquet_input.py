@@ -80,8 +80,8 @@ def rows_of(array, first_row: int, path: str, column: str) -> Rows:
     import pyarrow as pa
 
     t = array.type
-    if pa.types.is_dictionary(t):
-        array, t = array.dictionary_decode(), t.value_type
+    if pa.types.is_dictionary(t):  # (chunked arrays have no dictionary_decode)
+        array, t = array.cast(t.value_type), t.value_type
     if pa.types.is_string(t) or pa.types.is_large_string(t) or getattr(pa.types, "is_string_view", bool)(t):
         values = array.cast(pa.large_binary() if pa.types.is_large_string(t) else pa.binary()).to_pylist()
     elif pa.types.is_binary(t) or pa.types.is_large_binary(t):

@@ -84,6 +84,11 @@ def test_parquet_row_groups_and_column_choice(tok, texts, tmp_path):
     assert _docs(s.dataset_prefix) == _encode(tok, texts)
     s = _run(tok, [path], tmp_path / "t")  # default column "text"
     assert _docs(s.dataset_prefix) == _encode(tok, [t.upper() for t in texts])
+    # a dictionary-encoded (categorical) column comes back as a dictionary array
+    path = _write_parquet(tmp_path / "d.parquet", {"cat": pa.array(texts[:10] * 2).dictionary_encode()}, 7)
+    assert pa.types.is_dictionary(pq.read_table(path).schema.field("cat").type)
+    s = _run(tok, [path], tmp_path / "c", json_key="cat")
+    assert _docs(s.dataset_prefix) == _encode(tok, texts[:10] * 2)
 
 
 def test_parquet_identical_for_workers_and_streamed_row_groups(tok, texts, tmp_path, monkeypatch):
