@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -27,13 +26,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from kla_megatron.parallel.local_ranks import free_port
+
 COLLECTIVES = ("all_gather", "all_gather_into_tensor", "all_reduce")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class CommMeter:
@@ -213,7 +208,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         for cp in args.cp:
             out_path = os.path.join(tmp, f"cp{cp}.pt")
-            mp.spawn(_rank_main, args=(cp, _free_port(), args, _cases(args, cp), out_path), nprocs=cp, join=True)
+            mp.spawn(_rank_main, args=(cp, free_port(), args, _cases(args, cp), out_path), nprocs=cp, join=True)
             rows += torch.load(out_path)
     rows = _overheads(rows)
     device = "cpu (gloo)" if args.cpu_smoke else torch.cuda.get_device_name(0)
