@@ -10,7 +10,8 @@
 # time, one mutant at a time (--max-children 1), under nice; each mutant runs only the tests
 # below that reached the mutated function, with -x and a per-mutant CPU-time limit (mutmut's:
 # 2 x timeout_multiplier x the tests' own time). Results: the table printed at the end, and per
-# module $MUT_DIR/<module>.txt (counts, then every surviving mutant's diff). The last report is in
+# module $MUT_DIR/<module>.txt (counts, then every surviving mutant's diff). MUT_BASELINE=1 leaves
+# out the tests/test_mutants_*.py files, written to kill this run's survivors (the "before" rate). The last report is in
 # bench/README.md ("Mutation testing").
 set -euo pipefail
 
@@ -28,7 +29,7 @@ TESTS[schedule]="tests/test_mutants_schedule.py tests/test_config.py::test_sched
 FILE[data]=kla_megatron/training/data.py
 TESTS[data]="tests/test_mutants_data.py tests/test_documents.py"
 FILE[checkpoint]=kla_megatron/training/checkpoint.py
-TESTS[checkpoint]="tests/test_mutants_checkpoint.py tests/test_checkpoint_faults.py tests/test_checkpoint_prune_resume.py"
+TESTS[checkpoint]="tests/test_mutants_checkpoint.py tests/test_checkpoint_faults.py::test_run_lock_refuses_a_live_holder_and_takes_over_stale_ones tests/test_checkpoint_prune_resume.py::test_prune_keeps_the_newest_complete_checkpoints"
 FILE[flops]=kla_megatron/models/flops.py
 TESTS[flops]="tests/test_mutants_flops.py tests/test_model_config.py::test_named_config_has_nominal_size tests/test_model_config.py::test_scan_flops_per_lane_from_the_information_form tests/test_model_config.py::test_flops_count_the_scan_and_attention"
 # discretize lives in ops/kla_core.py next to the filter; only its own mutants are run.
@@ -36,7 +37,7 @@ FILE[discretize]=kla_megatron/ops/kla_core.py
 TESTS[discretize]="tests/test_ops_api.py::test_discretize_matches_ou_moments tests/test_ops_api.py::test_discretize_smallest_step_is_1e7"
 ONLY[discretize]="kla_megatron.ops.kla_core.x_discretize__mutmut_*"
 FILE[inputs]=data_tools/inputs.py
-TESTS[inputs]="tests/test_mutants_inputs.py tests/test_data_inputs.py"
+TESTS[inputs]="tests/test_mutants_inputs.py tests/test_data_inputs.py::test_directory_and_glob_inputs_sorted tests/test_data_inputs.py::test_parquet_nulls_and_non_strings_are_bad_rows tests/test_data_tools.py::test_bad_input_fail_policy"
 ORDER=(schedule param_groups flops discretize data inputs checkpoint)
 
 modules=("$@")
@@ -53,20 +54,25 @@ else
 fi
 cd "$dir"
 
-summary() {  # counts per verdict from mutmut's result files, for the mutants of $1 matching $2
-    python - "$1" "$2" <<'EOF'
+report() {  # verdict counts for the mutants of file $1 matching glob $2, then each one not killed with its diff
+    nice -n 19 python - "$1" "$2" <<'EOF'
 import fnmatch, json, sys
+from mutmut.__main__ import get_diff_for_mutant
 from mutmut.stats import status_by_exit_code
-meta = json.load(open(f"mutants/{sys.argv[1]}.meta"))["exit_code_by_key"]
+path, pattern = sys.argv[1], sys.argv[2]
+verdicts = {key: status_by_exit_code[code]
+            for key, code in json.load(open(f"mutants/{path}.meta"))["exit_code_by_key"].items()
+            if fnmatch.fnmatch(key, pattern)}
 counts = {}
-for key, code in meta.items():
-    if fnmatch.fnmatch(key, sys.argv[2]):
-        verdict = status_by_exit_code[code]
-        counts[verdict] = counts.get(verdict, 0) + 1
+for verdict in verdicts.values():
+    counts[verdict] = counts.get(verdict, 0) + 1
 caught = counts.get("killed", 0) + counts.get("timeout", 0)
 tested = sum(counts.values()) - counts.get("not checked", 0) - counts.get("skipped", 0)
 rate = 100 * caught / tested if tested else 0.0
 print(f"{rate:5.1f}% killed ({caught}/{tested})  " + "  ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+for key, verdict in verdicts.items():
+    if verdict not in ("killed", "timeout"):
+        print(f"\n# {key}: {verdict}\n{get_diff_for_mutant(key, path=path)}")
 EOF
 }
 
@@ -75,7 +81,11 @@ for m in "${modules[@]}"; do
     file=${FILE[$m]}
     read -r -a tests <<<"${TESTS[$m]}"
     existing=()
-    for t in "${tests[@]}"; do [ -e "${t%%::*}" ] && existing+=("$t"); done
+    for t in "${tests[@]}"; do
+        [ -e "${t%%::*}" ] || continue
+        [ -n "${MUT_BASELINE:-}" ] && [[ $t == tests/test_mutants_* ]] && continue
+        existing+=("$t")
+    done
     rm -rf mutants setup.cfg
     {
         echo "[mutmut]"
@@ -92,16 +102,10 @@ for m in "${modules[@]}"; do
     args=(--max-children 1)
     [ "$glob" = "*" ] || args+=("$glob")
     nice -n 19 mutmut run "${args[@]}" </dev/null | tr '\r' '\n' | grep -v '^\s*$' | tail -3 || true
-    line="$(summary "$file" "$glob")"
-    {
-        echo "$m ($file): $line"
-        echo "tests: ${existing[*]}"
-        mutmut results 2>/dev/null | grep -F "$([ "$glob" = "*" ] && echo . || echo "${glob%\*}")" | while read -r name _; do
-            name=${name%:}
-            echo
-            nice -n 19 mutmut show "$name" 2>/dev/null
-        done
-    } >"$dir/$m.txt"
+    report "$file" "$glob" >"$m.report"
+    line=$(head -1 "$m.report")
+    { echo "$m ($file): $line"; echo "tests: ${existing[*]}"; tail -n +2 "$m.report"; } >"$m.txt"
+    rm "$m.report"
     table+=("$(printf '%-13s %s' "$m" "$line")")
 done
 printf '%s\n' "${table[@]}"
