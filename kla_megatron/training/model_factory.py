@@ -38,6 +38,12 @@ def transformer_config(run: RunConfig, model_cfg):
               virtual_pipeline_model_parallel_size=p.virtual_pipeline, context_parallel_size=p.context,
               sequence_parallel=p.sequence_parallel, bf16=bf16, params_dtype=dtype, pipeline_dtype=dtype,
               deterministic_mode=t.deterministic)
+    if p.virtual_pipeline:
+        # Megatron-LM's interleaved-schedule p2p: forward and backward exchanges in separate calls.
+        # megatron-core's default batches them, and at PP=2 (previous stage = next stage) a rank's
+        # send-to-next and send-to-previous then reach the other rank in the wrong order:
+        # activations arrive as gradients and the reverse, from the second micro-batch on.
+        kw.update(overlap_p2p_comm=True, batch_p2p_comm=False)
     if t.recompute == "full":
         kw.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     elif t.recompute == "selective":
