@@ -16,6 +16,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..kla.scan import triton_available
 from ..kla_core import torch_causal_conv1d
 
 BACKENDS = ("auto", "torch", "triton")
@@ -64,14 +65,6 @@ def _resolve_backend(backend: str, x: torch.Tensor, K: int) -> str:
     if backend == "triton" and not triton_available():
         raise RuntimeError("causal_conv1d: backend='triton' needs Triton (pip install triton) on Linux")
     return backend
-
-
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def causal_conv1d(

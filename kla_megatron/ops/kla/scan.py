@@ -124,6 +124,7 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def triton_available() -> bool:
+    """Whether Triton and our kernels import (the scan's and the conv's ``backend="auto"`` ask)."""
     try:
         from . import chunk  # noqa: F401
     except ImportError:
