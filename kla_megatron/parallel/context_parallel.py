@@ -204,8 +204,8 @@ class _CPKLAScan(torch.autograd.Function):
         starts, prefix = {}, None
         for c, t in enumerate(by_chunk):
             if c in mine:
-                one = torch.ones_like(t[0])
-                starts[c] = (one, torch.zeros_like(one)) if prefix is None else tr.apply(prefix, one, torch.zeros_like(one))
+                state = default_state(t[0].shape, dtype=t.dtype, device=t.device)
+                starts[c] = state if prefix is None else tr.apply(prefix, *state)
             if c == max(mine):
                 break
             prefix = t if prefix is None else tr.compose(t, prefix)
