@@ -161,3 +161,18 @@ def test_a_truncated_gzip_file_is_a_one_line_error(tmp_path):
 ])
 def test_decode_document_verdicts(raw, fmt, verdict):
     assert decode_document(raw, fmt, "text") == verdict
+
+
+def test_parquet_rows_of_the_text_column_or_a_named_one(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = str(tmp_path / "t.parquet")
+    pq.write_table(pa.table({"text": ["a", "b"], "body": ["x", "y"]}), path)
+    assert list(iter_raw_documents(path, "auto")) == [(0, b"a"), (1, b"b")]
+    assert list(iter_raw_documents(path, "parquet", column="body")) == [(0, b"x"), (1, b"y")]
+
+
+def test_line_mode_is_the_default(tmp_path):
+    assert list(iter_raw_documents(_touch(tmp_path / "c.txt", b"a\nb\n\nc\n"), "auto")) == [(1, b"a"), (2, b"b"),
+                                                                                            (4, b"c")]
