@@ -35,9 +35,18 @@ def import_deepspeed():
     return deepspeed
 
 
-def deepspeed_config(run: RunConfig, dp: int) -> dict:
+# DeepSpeed's default ZeRO reduce bucket (elements): allocated anew at every micro-step.
+REDUCE_BUCKET = 500_000_000
+
+
+def deepspeed_config(run: RunConfig, dp: int, n_params: int | None = None) -> dict:
+    """The DeepSpeed config of ``run`` at data-parallel size ``dp``; ``n_params`` (the model's
+    parameter count) caps the reduce bucket: a bucket larger than every gradient together changes
+    nothing but its allocation, 2 GB per micro-step by default (minutes of page faults on CPU)."""
     t, d = run.train, run.deepspeed
     zero = {"stage": d.zero_stage}
+    if n_params is not None:
+        zero["reduce_bucket_size"] = min(REDUCE_BUCKET, -(-n_params // 1_000_000) * 1_000_000)
     if d.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
     if d.offload_param:
@@ -81,6 +90,22 @@ def _scalar_safe_broadcast():
         Engine._broadcast_model = original
 
 
+@contextlib.contextmanager
+def _without_shm_comm_build():
+    """On CPU, DeepSpeed's comm backend JIT-compiles a shared-memory all-reduce op (a C++ build of
+    one to three minutes, needing a compiler) that only its inference all-reduce uses; training
+    reduces through torch.distributed (gloo). Skip the build while the backend is created."""
+    import importlib
+
+    ds_torch = importlib.import_module("deepspeed.comm.torch")  # the attribute 'torch' is the torch module
+    original = ds_torch.build_shm_op
+    ds_torch.build_shm_op = lambda: None
+    try:
+        yield
+    finally:
+        ds_torch.build_shm_op = original
+
+
 class DeepSpeedEngine:
     def __init__(self, run: RunConfig, model_cfg, eod_id: int):
         deepspeed = import_deepspeed()
@@ -91,13 +116,14 @@ class DeepSpeedEngine:
         (model,) = build_model_chunks(run, model_cfg, self.tc)
         if t.precision == "bf16":
             model = model.to(torch.bfloat16)
-        deepspeed.init_distributed(dist_backend=dist.get_backend())
+        with contextlib.nullcontext() if torch.cuda.is_available() else _without_shm_comm_build():
+            deepspeed.init_distributed(dist_backend=dist.get_backend())
         groups = torch_param_groups(model, GroupPolicy.from_config(t, model_cfg))
         optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
                                       weight_decay=t.weight_decay)
+        config = deepspeed_config(run, dp, n_params=sum(p.numel() for p in model.parameters()))
         with _scalar_safe_broadcast():
-            self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                                      config=deepspeed_config(run, dp))
+            self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         self.packed = data_mod.packs_documents(run)
 
     def _loss_sums(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
