@@ -47,6 +47,13 @@ def test_num_parameters_adds_embedding_head_final_norm_and_layers():
     assert num_parameters(_cfg(tie_embeddings=True)) == 80 + 8 + layers
 
 
+@pytest.mark.parametrize("preset", ["plain", "mamba"])
+def test_counts_are_integers(preset):
+    cfg = _cfg()
+    cfg.mixer.preset = preset
+    assert all(type(n) is int for n in (num_parameters(cfg), flops_per_token(cfg, 32)))
+
+
 def test_forward_and_training_flops():
     assert SCAN_FLOPS_PER_ELEMENT == 15  # 9 for the information-form update + 6 for the read-out
     kla = 2 * 768 + 2 * 16 * 4 + 15 * 16 * 4

@@ -113,3 +113,18 @@ def test_megatron_overrides_one_group_per_multipliers_and_dtype():
                                                     if key.with_name_predicate.fn(p, n)) for key in overrides}
     assert members == {"lr0.1_wd0.0_float32": ["A_log"], "lr1.0_wd0.0_float32": ["linear.bias"],
                        "lr1.0_wd1.0_bfloat16": ["low"], "lr1.0_wd1.0_float32": ["frozen", "linear.weight"]}
+
+
+def test_both_engines_group_by_the_policy():
+    class Emb(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.word_embeddings = torch.nn.Embedding(4, 2)
+            self.linear = torch.nn.Linear(2, 2, bias=False)
+
+    m, policy = Emb(), GroupPolicy(embedding_lr_mult=10.0)
+    assert [(g["lr_mult"], g["wd_mult"]) for g in torch_param_groups(m, policy)] == [(1.0, 1.0), (10.0, 0.0)]
+    overrides = megatron_config_overrides([m], policy)
+    members = {key.with_name_predicate.name: [n for n, p in m.named_parameters() if key.with_name_predicate.fn(p, n)]
+               for key in overrides}
+    assert members == {"lr1.0_wd1.0_float32": ["linear.weight"], "lr10.0_wd0.0_float32": ["word_embeddings.weight"]}

@@ -66,3 +66,9 @@ def test_apply_lr_scales_each_group_and_returns_the_base_lr():
     assert apply_lr(groups, t, 3) == 2.0
     assert groups[0]["lr"] == pytest.approx(0.2) and groups[0]["weight_decay"] == 0.0
     assert groups[1]["lr"] == 2.0 and groups[1]["weight_decay"] == 0.2
+
+
+def test_apply_lr_uses_the_schedule_at_the_given_step():
+    groups = [{"lr_mult": 0.5}]
+    assert apply_lr(groups, _t(lr_schedule="cosine", warmup_steps=4), 1) == 1.0  # warmup: 2 * 2 / 4
+    assert groups[0]["lr"] == 0.5
