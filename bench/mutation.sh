@@ -31,7 +31,7 @@ TESTS[data]="tests/test_mutants_data.py tests/test_documents.py"
 FILE[checkpoint]=kla_megatron/training/checkpoint.py
 # test_run_lock_refuses_a_live_holder_and_takes_over_stale_ones is left out: the child process it
 # starts outlives mutmut's first (in-process) test run, and mutmut's reaper then fails on its pid.
-TESTS[checkpoint]="tests/test_mutants_checkpoint.py tests/test_checkpoint_prune_resume.py::test_prune_keeps_the_newest_complete_checkpoints"
+TESTS[checkpoint]="tests/test_mutants_checkpoint.py tests/test_mutants_checkpoint_lock.py tests/test_checkpoint_prune_resume.py::test_prune_keeps_the_newest_complete_checkpoints"
 FILE[flops]=kla_megatron/models/flops.py
 TESTS[flops]="tests/test_mutants_flops.py tests/test_model_config.py::test_named_config_has_nominal_size tests/test_model_config.py::test_scan_flops_per_lane_from_the_information_form tests/test_model_config.py::test_flops_count_the_scan_and_attention"
 # discretize lives in ops/kla_core.py next to the filter; only its own mutants are run.
