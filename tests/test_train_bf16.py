@@ -20,7 +20,8 @@ FP32_PARAMS = ("A_log", "delta_raw", "p", "lambda_skip")  # kept fp32 by the KLA
 
 
 def _argv(sample, precision):
-    sets = ["checkpoint.dir=null", f"data.blend=[{sample['data_prefix']}]", f"data.tokenizer={sample['tokenizer_model']}",
+    sets = ["checkpoint.dir=null", f"data.blend=[{sample['data_prefix']}]",
+            f"data.tokenizer={sample['tokenizer_model']}",
             f"train.steps={STEPS}", "train.warmup_steps=1", "train.eval_interval=0", "train.deterministic=true",
             "logging.interval=100", f"train.precision={precision}"]
     return ["--config", str(REPO / "configs" / "tiny_cpu.yaml"), *(a for s in sets for a in ("--set", s))]
