@@ -229,12 +229,12 @@ print(json.dumps({"class": type(tok).__name__, "module": type(tok).__module__,
 
 def test_exported_tokenizer_is_a_standard_class_with_our_ids(main_job, main_hf, tmp_path):
     from kla_megatron.checkpoint.hf_tokenizer import PROBES
-    from kla_megatron.training.tokenizer import SentencePieceTokenizer
+    from kla_megatron.training.tokenizer import load_tokenizer
 
     out = main_hf[1]
     cfg = json.loads((out / "tokenizer_config.json").read_text())
     assert cfg["tokenizer_class"] == "PreTrainedTokenizerFast" and "auto_map" not in cfg
-    ours = SentencePieceTokenizer(main_job["tokenizer"])
+    ours = load_tokenizer(main_job["tokenizer"])
     docs = [json.loads(line)["text"] for line in open(main_job["jsonl"])][:20]
     texts = [*PROBES, *docs]
     (tmp_path / "texts.json").write_text(json.dumps(texts))

@@ -115,13 +115,6 @@ class KLATokenizer(MegatronTokenizerBase):
         raise NotImplementedError("KLATokenizer has no MASK token (GPT-style pretraining only)")
 
 
-# The name this adapter had while it read only sentencepiece models.
-SentencePieceTokenizer = KLATokenizer
-
-
 def load_tokenizer(path: str) -> KLATokenizer:
     """The tokenizer named by a training config's ``data.tokenizer`` (any kind)."""
     return KLATokenizer(path)
-
-
-build_tokenizer = load_tokenizer
