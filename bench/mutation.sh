@@ -28,7 +28,7 @@ FILE[schedule]=kla_megatron/training/schedule.py
 TESTS[schedule]="tests/test_mutants_schedule.py tests/test_config.py::test_schedules tests/test_paper_configs.py::test_schedule_is_constant_then_linear_to_zero_over_the_last_40_percent"
 FILE[data]=kla_megatron/training/data.py
 TESTS[data]="tests/test_mutants_data.py tests/test_documents.py"
-FILE[checkpoint]=kla_megatron/training/checkpoint.py
+FILE[checkpoint]=kla_megatron/checkpoint/directory.py
 # test_run_lock_refuses_a_live_holder_and_takes_over_stale_ones is left out: the child process it
 # starts outlives mutmut's first (in-process) test run, and mutmut's reaper then fails on its pid.
 TESTS[checkpoint]="tests/test_mutants_checkpoint.py tests/test_mutants_checkpoint_lock.py tests/test_checkpoint_prune_resume.py::test_prune_keeps_the_newest_complete_checkpoints"

@@ -106,7 +106,7 @@ def build_model(config: Union[str, Path, KLAModelConfig], *, device=None, dtype:
 
 def _checkpoint_dir(checkpoint, iteration: Optional[int]) -> Path:
     from kla_megatron.checkpoint.megatron_io import find_dist_checkpoint
-    from kla_megatron.training import checkpoint as ckpt
+    from kla_megatron.checkpoint import directory as ckpt
 
     if iteration is None:
         return find_dist_checkpoint(checkpoint)
@@ -114,7 +114,7 @@ def _checkpoint_dir(checkpoint, iteration: Optional[int]) -> Path:
     if not path.is_dir():
         found = [step for step, _ in ckpt.complete_checkpoints(str(checkpoint), warn=False)]
         raise FileNotFoundError(f"no checkpoint of iteration {iteration} under {checkpoint}; complete ones: {found}")
-    problem = ckpt.verify(str(path))
+    problem = ckpt.incomplete_reason(str(path))
     if problem:
         raise ValueError(f"checkpoint {path} cannot be loaded: {problem}")
     return find_dist_checkpoint(path)

@@ -97,7 +97,7 @@ def resolve_world(args) -> tuple[int, int]:
     return nodes, gpn
 
 
-def check_layout(args, world: int):
+def check_world_layout(args, world: int):
     """Validate the run config exactly as the trainer will, for this world size."""
     from kla_megatron.training.config import load_run_config
 
@@ -193,7 +193,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         nodes, gpn = resolve_world(args)
-        run, dp = check_layout(args, nodes * gpn)
+        run, dp = check_world_layout(args, nodes * gpn)
         p = run.parallel
         print(f"kla-launch: {nodes} node(s) x {gpn} = world {nodes * gpn}: tensor {p.tensor} x pipeline {p.pipeline} "
               f"x context {p.context} x data {dp} (engine {run.engine})", flush=True)

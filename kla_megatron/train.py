@@ -40,7 +40,7 @@ def run(argv=None):
         model_config(cfg)  # the model's fit with the run is checked too
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return None
-    from kla_megatron.training import checkpoint as ckpt
+    from kla_megatron.checkpoint import directory as ckpt
     from kla_megatron.training.trainer import Trainer, init_distributed
 
     # One run per checkpoint directory, held from before the model is built until close().
@@ -98,7 +98,7 @@ def _quiet_libraries() -> None:
 def main(argv=None) -> int:
     _quiet_libraries()
     parse_args(argv)  # --help and usage errors answer before torch and megatron-core are imported
-    from kla_megatron.training.checkpoint import CheckpointError, CheckpointWarning
+    from kla_megatron.checkpoint.directory import CheckpointError, CheckpointWarning
     from kla_megatron.training.trainer import NonFiniteError
 
     _notices_as_lines(CheckpointWarning)

@@ -81,7 +81,7 @@ def _fresh_copy(base: Path, dest: Path) -> Path:
 
 
 def _fallback_body(rank, world, model_yaml, root):
-    from kla_megatron.training import checkpoint as ckpt
+    from kla_megatron.checkpoint import directory as ckpt
 
     root = Path(root)
     base = root / "base"
@@ -150,7 +150,7 @@ def _plant(ckpt_dir: Path, rel: str, marker: Path) -> None:
 
     import torch
 
-    from kla_megatron.training import checkpoint as ckpt
+    from kla_megatron.checkpoint import directory as ckpt
 
     f = ckpt_dir / rel
     if rel.endswith(".metadata"):
@@ -170,7 +170,7 @@ def _payload_body(rank, world, model_yaml, root):
     import numpy
     import torch
 
-    from kla_megatron.training import checkpoint as ckpt
+    from kla_megatron.checkpoint import directory as ckpt
 
     root = Path(root)
     base = root / "base"
@@ -232,7 +232,7 @@ def test_a_pickle_payload_in_a_checkpoint_is_refused_and_never_runs(model_yaml, 
 
 
 def _spawn_holder(root: Path) -> subprocess.Popen:
-    code = ("import sys, time; from kla_megatron.training.checkpoint import RunLock; "
+    code = ("import sys, time; from kla_megatron.checkpoint.directory import RunLock; "
             "RunLock.acquire(sys.argv[1]); print('held', flush=True); time.sleep(120)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(root)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
@@ -242,7 +242,7 @@ def _spawn_holder(root: Path) -> subprocess.Popen:
 def test_run_lock_refuses_a_live_holder_and_takes_over_stale_ones(tmp_path, monkeypatch):
     import warnings
 
-    from kla_megatron.training import checkpoint as ckpt
+    from kla_megatron.checkpoint import directory as ckpt
 
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     root = tmp_path / "ck"
@@ -331,7 +331,7 @@ def _disk_full_body(rank, world, model_yaml, root):
     import builtins
     import errno
 
-    from kla_megatron.training import checkpoint as ckpt
+    from kla_megatron.checkpoint import directory as ckpt
 
     real_open = builtins.open
 

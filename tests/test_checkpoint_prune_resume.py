@@ -31,7 +31,7 @@ def _fake_checkpoint(root: Path, step: int, complete: bool = True) -> None:
 
 
 def test_prune_keeps_the_newest_complete_checkpoints(tmp_path):
-    from kla_megatron.training.checkpoint import prune
+    from kla_megatron.checkpoint.directory import prune
 
     for step in (1, 2, 3, 10, 20):
         _fake_checkpoint(tmp_path, step)

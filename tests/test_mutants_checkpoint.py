@@ -1,4 +1,4 @@
-"""training/checkpoint.py in one process, without a trainer: save (begin, write, commit) and
+"""checkpoint/directory.py in one process, without a trainer: save (begin, write, commit) and
 re-save, the manifest, what verify/check report for each kind of damage, which checkpoints
 latest/prune see, the writer records of the lock, one-line errors, byte formatting, the disk-full
 test and the checksum share of each rank. Written against bench/mutation.sh's surviving mutants
@@ -13,7 +13,7 @@ import zlib
 
 import pytest
 
-from kla_megatron.training import checkpoint as ckpt
+from kla_megatron.checkpoint import directory as ckpt
 
 
 def _save(root, step, payload=b"weights", keep_last=0):
@@ -40,7 +40,7 @@ def test_a_saved_checkpoint_has_its_manifest_and_checks_clean(tmp_path):
     assert set(manifest["checksums"]) == set(manifest["files"])
     writer = json.load(open(os.path.join(path, "writer.json")))
     assert writer["pid"] == os.getpid() and writer["host"] == socket.gethostname()
-    assert ckpt.verify(path) is None and ckpt.check(path) is None
+    assert ckpt.incomplete_reason(path) is None and ckpt.check(path) is None
     assert ckpt.latest(str(tmp_path)) == path
 
 
@@ -121,17 +121,17 @@ def _damaged(tmp_path, how):
 ])
 def test_verify_names_what_is_incomplete(tmp_path, how, problem):
     path = _damaged(tmp_path, how)
-    assert ckpt.verify(path) is not None
+    assert ckpt.incomplete_reason(path) is not None
     import re
-    assert re.search(problem, ckpt.verify(path)), ckpt.verify(path)
-    assert ckpt.check(path) == ckpt.verify(path)
+    assert re.search(problem, ckpt.incomplete_reason(path)), ckpt.incomplete_reason(path)
+    assert ckpt.check(path) == ckpt.incomplete_reason(path)
     with pytest.warns(ckpt.CheckpointWarning, match=f"skipping checkpoint {path}: "):
         assert ckpt.latest(str(tmp_path)) is None
 
 
 def test_check_finds_a_flipped_byte_by_its_checksum(tmp_path):
     path = _damaged(tmp_path, "flip")
-    assert ckpt.verify(path) is None
+    assert ckpt.incomplete_reason(path) is None
     assert ckpt.check(path).startswith(f"file model/w.bin is corrupt (its {ckpt.CHECKSUM} checksum ")
     assert "differs from the manifest's" in ckpt.check(path)
 

@@ -1,4 +1,4 @@
-"""training/checkpoint.py's run lock, RNG files and pickle audit in one process: who may take a
+"""checkpoint/directory.py's run lock, RNG files and pickle audit in one process: who may take a
 locked checkpoint.dir and the line that says so, a lost lock, RNG states round-tripping through
 their files (current and legacy formats), and which pickles a checkpoint may hold. Written
 against bench/mutation.sh's surviving mutants; tests/test_checkpoint_faults.py runs the same
@@ -14,7 +14,7 @@ import numpy
 import pytest
 import torch
 
-from kla_megatron.training import checkpoint as ckpt
+from kla_megatron.checkpoint import directory as ckpt
 
 HOST = socket.gethostname()
 

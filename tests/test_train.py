@@ -90,7 +90,7 @@ def test_nonfinite_loss_aborts_and_keeps_the_last_good_checkpoint(model_yaml, tm
                   "--set", "train.max_skipped_steps=2")]
     abort, skip = run_on_ranks(_fails, world_size=1, args=(runs,))[0]
     assert abort.startswith("step 2: non-finite") and "aborting" in abort
-    from kla_megatron.training import checkpoint
+    from kla_megatron.checkpoint import directory as checkpoint
 
     assert [s for s, _ in checkpoint.complete_checkpoints(str(ck))] == [1]
     assert skip.startswith("step 4: non-finite") and "aborting" in skip  # skipped steps 2 and 3, then gave up
@@ -162,7 +162,7 @@ def test_sigterm_writes_a_complete_loadable_checkpoint(model_yaml, tmp_path):
     text = "".join(lines)
     assert proc.returncode == 0, text[-3000:]
     assert "checkpointing at step" in text
-    from kla_megatron.training import checkpoint
+    from kla_megatron.checkpoint import directory as checkpoint
 
     latest = checkpoint.latest(str(ck))
     assert latest is not None, text[-2000:]

@@ -41,7 +41,7 @@ def find_dist_checkpoint(path) -> Path:
     for candidate in (path, path / "model"):
         if (candidate / "metadata.json").exists():
             return candidate
-    from kla_megatron.training import checkpoint as ckpt
+    from kla_megatron.checkpoint import directory as ckpt
 
     latest = ckpt.latest(str(path))
     if latest is not None and (Path(latest) / "model" / "metadata.json").exists():
@@ -202,7 +202,7 @@ def _reshard(src_dir: str, cfg: KLAModelConfig, out_model_dir: str, tp: int, pp:
 
 def _publish(out_root: Path, tmp_model_dir: Path, cfg: KLAModelConfig, tp: int, pp: int) -> Path:
     """Move a written model dir into ``<out>/iter_0000000/`` with a manifest (atomic rename)."""
-    from kla_megatron.training import checkpoint as ckpt
+    from kla_megatron.checkpoint import directory as ckpt
 
     out_root.mkdir(parents=True, exist_ok=True)
     tmp = Path(ckpt.step_dir(str(out_root), 0) + ".tmp")

@@ -69,7 +69,7 @@ def trainer_dir(path: Path, iteration: Optional[int]) -> Path:
     """The torch_dist directory to read: ``iter_<iteration>/model`` of a run's checkpoint
     directory when ``iteration`` is given, else what ``find_dist_checkpoint`` picks (newest)."""
     from kla_megatron.checkpoint.megatron_io import find_dist_checkpoint
-    from kla_megatron.training import checkpoint as ckpt
+    from kla_megatron.checkpoint import directory as ckpt
 
     if iteration is not None:
         chosen = Path(ckpt.step_dir(str(path), iteration))

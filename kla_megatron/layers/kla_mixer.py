@@ -61,7 +61,7 @@ from kla_megatron.parallel.kla_context_parallel import KLAContextParallel
 
 from .inference_state import KLALayerState
 from .runtime import KLARuntimeConfig
-from .sharding import split_sharded_tensor
+from .sharded_state import split_sharded_tensor
 
 PRESETS = ("plain", "mamba")
 

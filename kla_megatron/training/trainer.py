@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from kla_megatron.parallel.local_ranks import free_port
 
-from . import checkpoint as ckpt
+from kla_megatron.checkpoint import directory as ckpt
 from .config import RunConfig
 from .data import build_datasets, rank_micro_batches
 from .metrics import Throughput, Trackers, format_line, memory_gib, peak_tflops

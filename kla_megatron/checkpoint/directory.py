@@ -484,7 +484,7 @@ def _fsync_dir(path: str) -> None:
 # ---------------------------------------------------------------- finding and checking checkpoints
 
 
-def verify(path: str) -> str | None:
+def incomplete_reason(path: str) -> str | None:
     """None if ``path`` is a complete checkpoint (every file there with its manifest size), else
     the reason it is not. Cheap: :func:`check` also compares checksums and contents."""
     manifest_path = os.path.join(path, MANIFEST)
@@ -530,7 +530,7 @@ def check(path: str) -> str | None:
     """Collective: None if ``path`` can be loaded safely, else the reason (one line): complete,
     checksums match, and no pickle in it refers to anything beyond plain data."""
     rank, _ = _rank_world()
-    problem = _bcast(verify(path) if rank == 0 else None)
+    problem = _bcast(incomplete_reason(path) if rank == 0 else None)
     if problem is None:
         problem = verify_checksums(path)
     if problem is None:
@@ -551,7 +551,7 @@ def complete_checkpoints(root: str, warn: bool = True) -> list[tuple[int, str]]:
     """(step, path) of complete checkpoints under ``root``, oldest first; warns about bad ones."""
     found = []
     for step, path in candidates(root):
-        problem = verify(path)
+        problem = incomplete_reason(path)
         if problem:
             if warn:
                 warnings.warn(f"skipping checkpoint {path}: {problem}", CheckpointWarning, stacklevel=2)
