@@ -55,3 +55,30 @@ def test_api_errors_are_clear():
     assert "not_a_field" in lines[1]
     assert "no CUDA GPU" in lines[2]
     assert "/nonexistent/run does not exist" in lines[3]
+
+
+def test_every_shipped_model_config_builds_through_the_public_api():
+    """Each configs/models/*.yaml at its real widths (one layer of each kind, a small vocabulary, so a
+    7B's layers fit a CI machine): built by kla_megatron.build_model, the module's parameter count
+    equals the count models/flops.num_parameters gives for that config."""
+    res = _python("""
+        import dataclasses, json, torch, kla_megatron
+        from kla_megatron.configs import MODEL_CONFIG_DIR
+        from kla_megatron.models import load_model_config, num_parameters
+        out = {}
+        for path in sorted(MODEL_CONFIG_DIR.glob("*.yaml")):
+            cfg = load_model_config(path)
+            kinds = "".join(dict.fromkeys(cfg.layer_pattern))
+            model = kla_megatron.build_model(cfg, dtype=torch.bfloat16, num_layers=len(kinds), layer_pattern=kinds,
+                                             vocab_size=256, max_seq_len=min(cfg.max_seq_len, 4096))
+            small = dataclasses.replace(cfg, num_layers=len(kinds), layer_pattern=kinds, vocab_size=256)
+            built = sum(p.numel() for p in model.parameters())
+            out[path.stem] = [built, num_parameters(small), kinds]
+            del model
+        print(json.dumps(out))
+    """)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert set(out) == {p.stem for p in (REPO / "configs" / "models").glob("*.yaml")}
+    for name, (built, counted, kinds) in out.items():
+        assert built == counted, (name, kinds, built, counted)
