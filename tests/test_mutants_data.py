@@ -3,6 +3,7 @@ which global samples each data-parallel rank's micro-batches hold, and the model
 packed and an unpacked micro-batch, against values written out by hand. Written against
 bench/mutation.sh's surviving mutants (the trainer runs in tests/test_train.py reach the same
 code, too slowly to run once per mutant)."""
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -75,3 +76,60 @@ def test_model_inputs_unpacked_and_packed():
     assert inputs["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5]]
     assert kwargs["packed_seq_params"].cu_seqlens_q.tolist() == [0, 2, 3, 6]
     assert kwargs["packed_seq_params"].max_seqlen_q == 3
+
+
+def _indexed(tmp_path, docs, eod):
+    import numpy
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = str(tmp_path / "corpus_text_document")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=numpy.int32)
+    for doc in docs:
+        builder.add_document(torch.tensor(doc + [eod], dtype=torch.int32), [len(doc) + 1])
+    builder.finalize(prefix + ".idx")
+    return prefix
+
+
+def _null_tokenizer(path):
+    from megatron.core.tokenizers.text.libraries.null_tokenizer import NullTokenizer
+
+    return NullTokenizer(VOCAB - 1)  # ids < VOCAB, EOD = VOCAB - 1
+
+
+def _indexed_run(prefix, *overrides):
+    tok = os.path.join(os.path.dirname(prefix), "tok.model")
+    open(tok, "w").close()  # load_tokenizer is replaced; the config only checks the file exists
+    return _run("data.kind=indexed", f"data.blend=[{prefix}]", f"data.tokenizer={tok}", "train.seq_length=8",
+                *overrides)
+
+
+def test_indexed_datasets_read_the_corpus_as_it_is(tmp_path, monkeypatch):
+    eod = VOCAB - 1
+    monkeypatch.setattr(tokenizer, "load_tokenizer", _null_tokenizer)
+    prefix = _indexed(tmp_path, [[10 + i] * 5 for i in range(8)], eod)  # 8 documents of 5 tokens + EOD: 48 tokens
+    ds = data.build_datasets(_indexed_run(prefix, "data.split=1,0,0", "train.eval_interval=0"), VOCAB)
+    assert ds.eod_id == eod and ds.valid is None
+    assert 3 * 4 <= len(ds.train) < 2 * 3 * 4  # steps x global batch, not a whole extra epoch per sample
+    sample = ds.train[0]
+    assert set(sample) == {"tokens", "labels", "loss_mask", "position_ids"}  # no attention mask
+    assert sample["position_ids"].tolist() == list(range(8))  # not reset at EOD
+    assert sample["loss_mask"].tolist() == [1.0] * 8  # EOD is predicted, not masked
+    assert (tmp_path / "cache").is_dir()  # the index cache sits next to the corpus by default
+    elsewhere = tmp_path / "elsewhere"
+    data.build_datasets(_indexed_run(prefix, "data.split=1,0,0", "train.eval_interval=0",
+                                     f"data.cache_dir={elsewhere}"), VOCAB)
+    assert any(elsewhere.iterdir())
+    with_valid = data.build_datasets(_indexed_run(prefix, "data.split=1,1,0", "train.eval_interval=1",
+                                                  "train.eval_iters=1"), VOCAB)
+    assert with_valid.valid is not None and len(with_valid.valid) >= 4
+
+
+@pytest.mark.parametrize("split, eval_interval, problem", [
+    ("0,1,0", 0, "data: the train split is empty; give it a share in data.split"),
+    ("1,0,0", 1, "data: train.eval_interval > 0 but the validation split is empty; give it a share in data.split"),
+])
+def test_an_empty_split_that_is_needed_is_refused(tmp_path, monkeypatch, split, eval_interval, problem):
+    monkeypatch.setattr(tokenizer, "load_tokenizer", _null_tokenizer)
+    prefix = _indexed(tmp_path, [[10] * 5] * 8, VOCAB - 1)
+    with pytest.raises(ValueError, match=f"^{problem}$"):
+        data.build_datasets(_indexed_run(prefix, f"data.split={split}", f"train.eval_interval={eval_interval}"), VOCAB)
