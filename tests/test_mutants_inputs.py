@@ -82,7 +82,8 @@ def test_check_format_looks_at_the_content(tmp_path):
     with pytest.raises(BinaryInputError, match=r"is a parquet file, not text; drop --input-format text \(or pass"):
         check_format(pq, "text")
     gz = _touch(tmp_path / "t.parquet.gz", gzip.compress(b"PAR1" + b"\x00" * 8))
-    with pytest.raises(BinaryInputError, match=r"t.parquet.gz is gzip-compressed parquet; decompress it first"):
+    with pytest.raises(BinaryInputError, match=r"t.parquet.gz is gzip-compressed parquet; decompress it first "
+                                               r"\(parquet compresses its own pages\)$"):
         check_format(gz, "auto")
     fake = _touch(tmp_path / "fake.parquet", b"hello\n")
     with pytest.raises(BinaryInputError, match=r"fake.parquet is not a parquet file \(no PAR1 header\); "
@@ -176,3 +177,17 @@ def test_parquet_rows_of_the_text_column_or_a_named_one(tmp_path):
 def test_line_mode_is_the_default(tmp_path):
     assert list(iter_raw_documents(_touch(tmp_path / "c.txt", b"a\nb\n\nc\n"), "auto")) == [(1, b"a"), (2, b"b"),
                                                                                             (4, b"c")]
+
+
+@pytest.mark.parametrize("n, more", [(5, ""), (6, ", ...")])
+def test_the_left_out_notice_names_five_files_then_says_there_are_more(tmp_path, capsys, n, more):
+    _touch(tmp_path / "data.txt")
+    for i in range(n):
+        _touch(tmp_path / f"n{i}.md")
+    expand_inputs([str(tmp_path)])
+    assert capsys.readouterr().err.strip().endswith("n0.md, n1.md, n2.md, n3.md, n4.md" + more)
+
+
+def test_a_paragraph_at_the_end_of_the_file_keeps_its_lines(tmp_path):
+    path = _touch(tmp_path / "p.txt", b"a\n\nb\nc")
+    assert list(iter_raw_documents(path, "text", "paragraph")) == [(1, b"a"), (3, b"b\nc")]
