@@ -20,8 +20,10 @@ def document_ids(cu_seqlens: torch.Tensor, positions: Optional[torch.Tensor] = N
     return torch.searchsorted(cu, positions, right=True) - 1
 
 
-def position_in_document(cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """``[cu_seqlens[-1]]`` each token's offset from the start of its document."""
+def position_in_document(cu_seqlens: torch.Tensor, length: Optional[int] = None) -> torch.Tensor:
+    """``[length]`` each token's offset from the start of its document; ``length`` defaults to
+    ``cu_seqlens[-1]`` (pass it when known: reading it is a host sync, a graph break under
+    torch.compile)."""
     cu = cu_seqlens.long()
-    positions = torch.arange(int(cu[-1]), device=cu.device)
+    positions = torch.arange(int(cu[-1]) if length is None else length, device=cu.device)
     return positions - cu[document_ids(cu, positions)]

@@ -44,7 +44,7 @@ class KLAContextParallel:
         if check and int(cu[-1]) != s:
             raise ValueError(f"KLAMixer: cu_seqlens must end at the sequence length {s}, got {cu.tolist()}")
         cu = cu.to(device=device, dtype=torch.long)
-        positions = position_in_document(cu)
+        positions = position_in_document(cu, s)
         if self.size > 1:
             positions = shard(positions[None], self.rank, self.size, self.layout)[0]
         return cu, positions

@@ -35,11 +35,12 @@ pointers, ``o_`` offsets, ``m_`` masks, ``i_`` program ids.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from .triton_common import (channel_lanes, from_kernel, is_gpu_compiled, load_dynamics, load_token, observation,
+                            prepare_rows, seq_bounds, state_offsets, to_kernel, update_step)
 
 CHUNK = 32
 # Channels per program (one thread each; warps = channels / 32). One warp per program
@@ -57,89 +58,6 @@ BWD_SUBCHUNK = 0
 
 
 @triton.jit
-def _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN: tl.constexpr):
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    else:
-        bos = i_n.to(tl.int64) * T
-        eos = bos + T
-    return bos, eos
-
-
-@triton.jit
-def _lanes(i_p, P: tl.constexpr, S: tl.constexpr, BP: tl.constexpr, BS: tl.constexpr):
-    """Channel and state offsets/masks of one program's [BS states, BP channels] block."""
-    o_p = i_p * BP + tl.arange(0, BP)
-    o_s = tl.arange(0, BS)
-    m_p, m_s = o_p < P, o_s < S
-    return o_p, o_s, m_p, m_s, m_s[:, None] & m_p[None, :]
-
-
-@triton.jit
-def _state_offsets(i_n, i_h, o_p, o_s, H: tl.constexpr, P: tl.constexpr, S: tl.constexpr):
-    """Offsets of the lane block in a state-major ``[N, H, S, P]`` tensor (see ``to_kernel``).
-
-    Declared unaligned on purpose: otherwise Triton's coalescing pass vectorises these
-    (rare) state loads and stores four channels per thread and, to match, spreads the
-    states of a channel over threads and warps, turning every per-step read-out over S
-    into shuffles and barriers. One channel per thread keeps the hot loop in registers.
-    """
-    o = ((i_n * H + i_h) * S + o_s[:, None]) * P + o_p[None, :]
-    return tl.multiple_of(o, [1, 1])
-
-
-@triton.jit
-def _dynamics(a, p, i_h, o_p, o_s, m_sp, H: tl.constexpr, P: tl.constexpr, S: tl.constexpr):
-    """(a, a², p) of the lane block; padding lanes get a = 1, p = 0 (no NaN anywhere)."""
-    o = _state_offsets(0, i_h, o_p, o_s, H, P, S)
-    b_a = tl.load(a + o, mask=m_sp, other=1.0).to(tl.float32)
-    b_noise = tl.load(p + o, mask=m_sp, other=0.0).to(tl.float32)
-    return b_a, b_a * b_a, b_noise
-
-
-@triton.jit
-def _load_token(v, lambda_v, k, q, t, i_h, o_p, o_s, m_p, m_s,
-                H: tl.constexpr, P: tl.constexpr, S: tl.constexpr):
-    """Raw inputs of token t: v, Λv [BP]; k, q [BS]. Prefetches past the end of a sequence
-    or chunk clamp t instead of masking it, so no per-token mask keeps the k, q loads from
-    being vectorised."""
-    o_tp = (t * H + i_h) * P + o_p
-    o_ts = (t * H + i_h) * S + o_s
-    b_v = tl.load(v + o_tp, mask=m_p, other=0.0)
-    b_lv = tl.load(lambda_v + o_tp, mask=m_p, other=0.0)
-    b_k = tl.load(k + o_ts, mask=m_s, other=0.0)
-    b_q = tl.load(q + o_ts, mask=m_s, other=0.0)
-    return b_v, b_lv, b_k, b_q
-
-
-@triton.jit
-def _observation(b_v, b_lv, b_k):
-    """φ = Λv·k² and r = v·Λv·k for the lane block [BS, BP] (inputs upcast to fp32)."""
-    b_v, b_lv, b_k = b_v.to(tl.float32), b_lv.to(tl.float32), b_k.to(tl.float32)
-    return (b_k * b_k)[:, None] * b_lv[None, :], b_k[:, None] * (b_v * b_lv)[None, :]
-
-
-@triton.jit
-def _rcp(x, FAST_RCP: tl.constexpr):
-    """1/x. On the GPU the hardware approximate reciprocal (≤ 1 ulp, as accurate as Triton's
-    default division): callers pass x ≥ 1, which needs none of the division's range fix-ups."""
-    if FAST_RCP:
-        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
-                                         is_pure=True, pack=1)
-    else:
-        return 1.0 / x
-
-
-@triton.jit
-def _step(b_sigma, b_mu, b_phi, b_r, b_a, b_a2, b_noise, FAST_RCP: tl.constexpr):
-    """One covariance-form step (docs/kla.md#sequential-forms): returns posterior (σ, μ) and the gain ι."""
-    b_prior = b_a2 * b_sigma + b_noise
-    b_iota = _rcp(1.0 + b_phi * b_prior, FAST_RCP)
-    return b_prior * b_iota, (b_a * b_mu + b_r * b_prior) * b_iota, b_iota
-
-
-@triton.jit
 def _kla_fwd_kernel(
     v, lambda_v, k, q, a, p, lam0, eta0,
     y, y_var, lam_t, eta_t, ck_sigma, ck_mu, cu_seqlens,
@@ -150,10 +68,10 @@ def _kla_fwd_kernel(
 ):
     i_nh, i_p = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
-    bos, eos = _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
-    o_p, o_s, m_p, m_s, m_sp = _lanes(i_p, P, S, BP, BS)
-    b_a, b_a2, b_noise = _dynamics(a, p, i_h, o_p, o_s, m_sp, H, P, S)
-    o_state = _state_offsets(i_n, i_h, o_p, o_s, H, P, S)
+    bos, eos = seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
+    o_p, o_s, m_p, m_s, m_sp = channel_lanes(i_p, P, S, BP, BS)
+    b_a, b_a2, b_noise = load_dynamics(a, p, i_h, o_p, o_s, m_sp, H, P, S)
+    o_state = state_offsets(i_n, i_h, o_p, o_s, H, P, S)
     if USE_INITIAL_STATE:
         b_lam = tl.load(lam0 + o_state, mask=m_sp, other=1.0).to(tl.float32)
         b_eta = tl.load(eta0 + o_state, mask=m_sp, other=0.0).to(tl.float32)
@@ -164,19 +82,19 @@ def _kla_fwd_kernel(
         b_mu = tl.zeros([BS, BP], tl.float32)
 
     # Two tokens in flight: token t's inputs were loaded two iterations ago.
-    n1_v, n1_lv, n1_k, n1_q = _load_token(v, lambda_v, k, q, bos, i_h, o_p, o_s, m_p, m_s, H, P, S)
-    n2_v, n2_lv, n2_k, n2_q = _load_token(v, lambda_v, k, q, tl.minimum(bos + 1, eos - 1), i_h, o_p, o_s, m_p, m_s, H, P, S)
+    n1_v, n1_lv, n1_k, n1_q = load_token(v, lambda_v, k, q, bos, i_h, o_p, o_s, m_p, m_s, H, P, S)
+    n2_v, n2_lv, n2_k, n2_q = load_token(v, lambda_v, k, q, tl.minimum(bos + 1, eos - 1), i_h, o_p, o_s, m_p, m_s, H, P, S)
     for t in range(bos, eos):
         b_v, b_lv, b_k, b_q = n1_v, n1_lv, n1_k, n1_q
         n1_v, n1_lv, n1_k, n1_q = n2_v, n2_lv, n2_k, n2_q
-        n2_v, n2_lv, n2_k, n2_q = _load_token(v, lambda_v, k, q, tl.minimum(t + 2, eos - 1), i_h, o_p, o_s, m_p, m_s, H, P, S)
+        n2_v, n2_lv, n2_k, n2_q = load_token(v, lambda_v, k, q, tl.minimum(t + 2, eos - 1), i_h, o_p, o_s, m_p, m_s, H, P, S)
         if SAVE_CHECKPOINTS:
             if (t - bos) % CHUNK == 0:
                 slot = i_n + t // CHUNK
-                tl.store(ck_sigma + _state_offsets(slot, i_h, o_p, o_s, H, P, S), b_sigma, mask=m_sp)
-                tl.store(ck_mu + _state_offsets(slot, i_h, o_p, o_s, H, P, S), b_mu, mask=m_sp)
-        b_phi, b_r = _observation(b_v, b_lv, b_k)
-        b_sigma, b_mu, _ = _step(b_sigma, b_mu, b_phi, b_r, b_a, b_a2, b_noise, FAST_RCP)
+                tl.store(ck_sigma + state_offsets(slot, i_h, o_p, o_s, H, P, S), b_sigma, mask=m_sp)
+                tl.store(ck_mu + state_offsets(slot, i_h, o_p, o_s, H, P, S), b_mu, mask=m_sp)
+        b_phi, b_r = observation(b_v, b_lv, b_k)
+        b_sigma, b_mu, _ = update_step(b_sigma, b_mu, b_phi, b_r, b_a, b_a2, b_noise, FAST_RCP)
         b_q = b_q.to(tl.float32)
         o_tp = (t * H + i_h) * P + o_p
         tl.store(y + o_tp, tl.sum(b_q[:, None] * b_mu, axis=0).to(y.dtype.element_ty), mask=m_p)
@@ -196,16 +114,16 @@ def _replay(v, lambda_v, k, q, t0, n, b_sigma, b_mu, p_sigma, p_mu, stride, o_sc
     """Walk n steps from the state (σ, μ) before token t0, parking the prior state of every
     EVERY-th step at ``p_sigma`` / ``p_mu`` + (i // EVERY)·stride in this program's scratch
     (written and read by the same program). The next token's inputs load one step ahead."""
-    n_v, n_lv, n_k, n_q = _load_token(v, lambda_v, k, q, t0, i_h, o_p, o_s, m_p, m_s, H, P, S)
+    n_v, n_lv, n_k, n_q = load_token(v, lambda_v, k, q, t0, i_h, o_p, o_s, m_p, m_s, H, P, S)
     for i in range(0, n):
         b_v, b_lv, b_k = n_v, n_lv, n_k
-        n_v, n_lv, n_k, n_q = _load_token(v, lambda_v, k, q, t0 + tl.minimum(i + 1, n - 1),
+        n_v, n_lv, n_k, n_q = load_token(v, lambda_v, k, q, t0 + tl.minimum(i + 1, n - 1),
                                           i_h, o_p, o_s, m_p, m_s, H, P, S)
         if i % EVERY == 0:
             tl.store(p_sigma + (i // EVERY) * stride + o_scr, b_sigma)
             tl.store(p_mu + (i // EVERY) * stride + o_scr, b_mu)
-        b_phi, b_r = _observation(b_v, b_lv, b_k)
-        b_sigma, b_mu, _ = _step(b_sigma, b_mu, b_phi, b_r, b_a, b_a2, b_noise, FAST_RCP)
+        b_phi, b_r = observation(b_v, b_lv, b_k)
+        b_sigma, b_mu, _ = update_step(b_sigma, b_mu, b_phi, b_r, b_a, b_a2, b_noise, FAST_RCP)
     tl.debug_barrier()
 
 
@@ -216,7 +134,7 @@ def _load_reverse_step(v, lambda_v, k, q, d_y, d_yvar, p_scr_sigma, p_scr_mu, o_
     """Everything step i of a chunk's reverse sweep reads: token inputs, the read-out
     cotangents (y_var's only if it has one) and the prior state parked in scratch by the replay."""
     t = t0 + i
-    b_v, b_lv, b_k, b_q = _load_token(v, lambda_v, k, q, t, i_h, o_p, o_s, m_p, m_s, H, P, S)
+    b_v, b_lv, b_k, b_q = load_token(v, lambda_v, k, q, t, i_h, o_p, o_s, m_p, m_s, H, P, S)
     o_tp = (t * H + i_h) * P + o_p
     b_gy = tl.load(d_y + o_tp, mask=m_p, other=0.0)
     if HAS_VAR:
@@ -281,10 +199,10 @@ def _kla_bwd_kernel(
     ATOMIC: tl.constexpr = not (DETERMINISTIC or N_PBLOCKS == 1)
     i_nh, i_p = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
-    bos, eos = _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
-    o_p, o_s, m_p, m_s, m_sp = _lanes(i_p, P, S, BP, BS)
-    b_a, b_a2, b_noise = _dynamics(a, p, i_h, o_p, o_s, m_sp, H, P, S)
-    o_state = _state_offsets(i_n, i_h, o_p, o_s, H, P, S)
+    bos, eos = seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
+    o_p, o_s, m_p, m_s, m_sp = channel_lanes(i_p, P, S, BP, BS)
+    b_a, b_a2, b_noise = load_dynamics(a, p, i_h, o_p, o_s, m_sp, H, P, S)
+    o_state = state_offsets(i_n, i_h, o_p, o_s, H, P, S)
 
     # Carries: cM = a·ι_{t+1}·M̄_{t+1}, cS = a²·P̄_{t+1}; seeded by the final-state cotangent.
     b_cM = tl.zeros([BS, BP], tl.float32)
@@ -309,12 +227,12 @@ def _kla_bwd_kernel(
     p_scr_sigma = scratch + i_prog * 2 * (SUB + CHUNK // SUB) * BS * BP
     p_scr_mu = p_scr_sigma + SUB * BS * BP
     p_sub = p_scr_mu + SUB * BS * BP
-    o_scr = tl.multiple_of(o_s[:, None] * BP + tl.arange(0, BP)[None, :], [1, 1])  # see _state_offsets
+    o_scr = tl.multiple_of(o_s[:, None] * BP + tl.arange(0, BP)[None, :], [1, 1])  # see state_offsets
     n_chunks = tl.cdiv(eos - bos, CHUNK)
     for j in range(n_chunks - 1, -1, -1):
         t0 = bos + j * CHUNK
         slot = i_n + t0 // CHUNK
-        o_ck = _state_offsets(slot, i_h, o_p, o_s, H, P, S)
+        o_ck = state_offsets(slot, i_h, o_p, o_s, H, P, S)
         b_sigma = tl.load(ck_sigma + o_ck, mask=m_sp, other=1.0)
         b_mu = tl.load(ck_mu + o_ck, mask=m_sp, other=0.0)
         n_steps = tl.minimum(CHUNK, eos - t0)
@@ -346,8 +264,8 @@ def _kla_bwd_kernel(
                     i_h, o_p, o_s, m_p, m_s, H, P, S, BS, BP, HAS_VAR)
                 o_tp = (t * H + i_h) * P + o_p
                 b_gy, b_gv = b_gy.to(tl.float32), b_gv.to(tl.float32)
-                b_phi, b_r = _observation(b_v, b_lv, b_k)
-                b_sigma, b_mu, b_iota = _step(b_sp, b_mp, b_phi, b_r, b_a, b_a2, b_noise, FAST_RCP)
+                b_phi, b_r = observation(b_v, b_lv, b_k)
+                b_sigma, b_mu, b_iota = update_step(b_sp, b_mp, b_phi, b_r, b_a, b_a2, b_noise, FAST_RCP)
                 b_q = b_q.to(tl.float32)
                 b_M = b_q[:, None] * b_gy[None, :] + b_cM
                 if HAS_VAR:
@@ -401,17 +319,11 @@ def _kla_bwd_kernel(
         tl.store(d_eta0 + o_state, b_s0 * b_cM, mask=m_sp)
 
 
-def _blocks(P: int, S: int):
+def block_sizes(P: int, S: int):
     """(BP channels, BS states, warps) of a program: one thread per channel."""
     BS = triton.next_power_of_2(S)
     BP = min(triton.next_power_of_2(P), MAX_CHANNELS)
     return BP, BS, max(1, BP // 32)
-
-
-def _gpu_compiled(x) -> bool:
-    """Kernels on ``x`` are compiled for a GPU: the inline-PTX paths (reciprocal, warp
-    shuffles) are allowed; the interpreter cannot run them."""
-    return x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
 
 
 def _kq_for_kernel(k, q):
@@ -420,29 +332,10 @@ def _kq_for_kernel(k, q):
     return (k.float(), q.float()) if UPCAST_KQ else (k, q)
 
 
-def to_kernel(x):
-    """``[..., P, S]`` → the kernels' state-major ``[..., S, P]`` (channels contiguous, so a
-    thread's states load and store coalesced across the warp); ``None`` passes through."""
-    return None if x is None else x.transpose(-1, -2).contiguous()
-
-
-def from_kernel(x):
-    """Inverse of :func:`to_kernel`."""
-    return x.transpose(-1, -2).contiguous()
-
-
 def checkpoint_slots(n_seq: int, n_tokens: int) -> int:
     """Rows of a forward checkpoint buffer: slot ``n + (bos_n + j·CHUNK) // CHUNK`` per chunk j
     of sequence n (module docstring)."""
     return n_seq + triton.cdiv(n_tokens, CHUNK)
-
-
-def _prepare(v, cu_seqlens):
-    """Flatten rows into one token axis; returns (n_seq, T per row or 0, cu_seqlens or dummy)."""
-    B, L = v.shape[:2]
-    if cu_seqlens is None:
-        return B, L, v.new_empty(1, dtype=torch.int32), False
-    return cu_seqlens.numel() - 1, 0, cu_seqlens.to(device=v.device, dtype=torch.int32).contiguous(), True
 
 
 def kla_fwd(v, lambda_v, k, q, a, p, lam0, eta0, cu_seqlens, output_final_state, save_checkpoints,
@@ -450,7 +343,7 @@ def kla_fwd(v, lambda_v, k, q, a, p, lam0, eta0, cu_seqlens, output_final_state,
     """Forward pass; without ``output_variance`` y_var is neither computed nor allocated (None)."""
     B, L, H, P = v.shape
     S = k.shape[-1]
-    n_seq, T, cu, is_varlen = _prepare(v, cu_seqlens)
+    n_seq, T, cu, is_varlen = prepare_rows(v, cu_seqlens)
     a, p, lam0, eta0 = (to_kernel(x) for x in (a, p, lam0, eta0))
     k, q = _kq_for_kernel(k, q)
     y = torch.empty_like(v)
@@ -461,7 +354,7 @@ def kla_fwd(v, lambda_v, k, q, a, p, lam0, eta0, cu_seqlens, output_final_state,
     ck_shape = (checkpoint_slots(n_seq, B * L), H, S, P) if save_checkpoints else (1,)
     ck_sigma = v.new_empty(ck_shape, dtype=torch.float32)
     ck_mu = v.new_empty(ck_shape, dtype=torch.float32)
-    BP, BS, warps = _blocks(P, S)
+    BP, BS, warps = block_sizes(P, S)
     grid = (n_seq * H, triton.cdiv(P, BP))
     _kla_fwd_kernel[grid](
         v, lambda_v, k, q, a, p,
@@ -469,7 +362,7 @@ def kla_fwd(v, lambda_v, k, q, a, p, lam0, eta0, cu_seqlens, output_final_state,
         y, y if y_var is None else y_var, lam_t, eta_t, ck_sigma, ck_mu, cu,
         T, H=H, P=P, S=S, BP=BP, BS=BS, CHUNK=CHUNK,
         USE_INITIAL_STATE=lam0 is not None, STORE_FINAL_STATE=output_final_state,
-        SAVE_CHECKPOINTS=save_checkpoints, IS_VARLEN=is_varlen, FAST_RCP=_gpu_compiled(v),
+        SAVE_CHECKPOINTS=save_checkpoints, IS_VARLEN=is_varlen, FAST_RCP=is_gpu_compiled(v),
         STORE_VAR=output_variance, num_warps=warps,
     )
     final = (from_kernel(lam_t), from_kernel(eta_t)) if output_final_state else None
@@ -486,11 +379,11 @@ def kla_bwd(v, lambda_v, k, q, a, p, lam0, eta0, final, checkpoints, cu_seqlens,
     """
     B, L, H, P = v.shape
     S = k.shape[-1]
-    n_seq, T, cu, is_varlen = _prepare(v, cu_seqlens)
+    n_seq, T, cu, is_varlen = prepare_rows(v, cu_seqlens)
     a_dtype, p_dtype, k_dtype, q_dtype = a.dtype, p.dtype, k.dtype, q.dtype
     a, p, lam0, eta0 = (to_kernel(x) for x in (a, p, lam0, eta0))
     k, q = _kq_for_kernel(k, q)
-    BP, BS, warps = _blocks(P, S)
+    BP, BS, warps = block_sizes(P, S)
     n_pblocks = triton.cdiv(P, BP)
     partial = deterministic or n_pblocks == 1
     f32 = dict(dtype=torch.float32, device=v.device)
@@ -528,7 +421,7 @@ def kla_bwd(v, lambda_v, k, q, a, p, lam0, eta0, final, checkpoints, cu_seqlens,
         T, B * L, H=H, P=P, S=S, BP=BP, BS=BS, CHUNK=CHUNK,
         USE_INITIAL_STATE=lam0 is not None, END_ADJOINT=mode,
         IS_VARLEN=is_varlen, DETERMINISTIC=deterministic, N_PBLOCKS=n_pblocks,
-        FAST_RCP=_gpu_compiled(v), WARP_REDUCE=_gpu_compiled(v) and WARP_REDUCE and BS == 16 and BP == 32,
+        FAST_RCP=is_gpu_compiled(v), WARP_REDUCE=is_gpu_compiled(v) and WARP_REDUCE and BS == 16 and BP == 32,
         SUB=sub, HAS_VAR=d_yvar is not None, num_warps=warps,
     )
     if partial:

@@ -15,8 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk import (_blocks, _dynamics, _gpu_compiled, _lanes, _load_token, _observation, _prepare, _seq_bounds,
-                    _state_offsets, _step, from_kernel, to_kernel)
+from .chunk import block_sizes
+from .triton_common import (channel_lanes, from_kernel, is_gpu_compiled, load_dynamics, load_token, observation,
+                            prepare_rows, seq_bounds, state_offsets, to_kernel, update_step)
 
 RESCALE_EVERY = 8
 
@@ -29,17 +30,17 @@ def _kla_transform_kernel(
 ):
     i_nh, i_p = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
-    bos, eos = _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
-    o_p, o_s, m_p, m_s, m_sp = _lanes(i_p, P, S, BP, BS)
-    b_a, b_a2, b_noise = _dynamics(a, p, i_h, o_p, o_s, m_sp, H, P, S)
+    bos, eos = seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
+    o_p, o_s, m_p, m_s, m_sp = channel_lanes(i_p, P, S, BP, BS)
+    b_a, b_a2, b_noise = load_dynamics(a, p, i_h, o_p, o_s, m_sp, H, P, S)
     one = tl.full([BS, BP], 1.0, tl.float32)
     zero = tl.zeros([BS, BP], tl.float32)
     b_A, b_B, b_C, b_D, b_E, b_F, b_G = one, zero, zero, one, zero, zero, one
-    # v·Λv arrives as one product and travels in _load_token's v slot; its q slot is unused.
-    n_vlv, n_lv, n_k, _ = _load_token(vlv, lambda_v, k, k, bos, i_h, o_p, o_s, m_p, m_s, H, P, S)
+    # v·Λv arrives as one product and travels in load_token's v slot; its q slot is unused.
+    n_vlv, n_lv, n_k, _ = load_token(vlv, lambda_v, k, k, bos, i_h, o_p, o_s, m_p, m_s, H, P, S)
     for t in range(bos, eos):
         b_vlv, b_lv, b_k = n_vlv.to(tl.float32), n_lv.to(tl.float32), n_k.to(tl.float32)
-        n_vlv, n_lv, n_k, _ = _load_token(vlv, lambda_v, k, k, tl.minimum(t + 1, eos - 1), i_h, o_p, o_s, m_p, m_s, H, P, S)
+        n_vlv, n_lv, n_k, _ = load_token(vlv, lambda_v, k, k, tl.minimum(t + 1, eos - 1), i_h, o_p, o_s, m_p, m_s, H, P, S)
         b_phi = (b_k * b_k)[:, None] * b_lv[None, :]
         b_r = b_k[:, None] * b_vlv[None, :]
         b_u = 1.0 + b_noise * b_phi
@@ -62,7 +63,7 @@ def _kla_transform_kernel(
             )
     b_s = 1.0 / (b_A + b_D)
     n_state = tl.num_programs(0).to(tl.int64) // H * H * P * S
-    o_state = _state_offsets(i_n, i_h, o_p, o_s, H, P, S)
+    o_state = state_offsets(i_n, i_h, o_p, o_s, H, P, S)
     tl.store(out + o_state, b_A * b_s, mask=m_sp)
     tl.store(out + n_state + o_state, b_B * b_s, mask=m_sp)
     tl.store(out + 2 * n_state + o_state, b_C * b_s, mask=m_sp)
@@ -79,10 +80,10 @@ def triton_chunk_transforms(v_lambda_v, lambda_v, k, a, p, *, cu_seqlens=None):
     S = k.shape[-1]
     v_lambda_v, lambda_v, k = (x.contiguous() for x in (v_lambda_v, lambda_v, k))
     a, p = a.float().contiguous(), p.float().contiguous()
-    n_seq, T, cu, is_varlen = _prepare(v_lambda_v, cu_seqlens)
+    n_seq, T, cu, is_varlen = prepare_rows(v_lambda_v, cu_seqlens)
     a, p = to_kernel(a), to_kernel(p)
     out = torch.empty(7, n_seq, H, S, P, dtype=torch.float32, device=v_lambda_v.device)
-    BP, BS, warps = _blocks(P, S)
+    BP, BS, warps = block_sizes(P, S)
     grid = (n_seq * H, triton.cdiv(P, BP))
     _kla_transform_kernel[grid](v_lambda_v, lambda_v, k, a, p, out, cu, T, H=H, P=P, S=S, BP=BP, BS=BS,
                                 RESCALE_EVERY=RESCALE_EVERY, IS_VARLEN=is_varlen, num_warps=warps)
@@ -120,10 +121,10 @@ def _kla_bwd_map_kernel(
     """
     i_nh, i_p = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
-    bos, eos = _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
-    o_p, o_s, m_p, m_s, m_sp = _lanes(i_p, P, S, BP, BS)
-    b_a, b_a2, b_noise = _dynamics(a, p, i_h, o_p, o_s, m_sp, H, P, S)
-    o_state = _state_offsets(i_n, i_h, o_p, o_s, H, P, S)
+    bos, eos = seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
+    o_p, o_s, m_p, m_s, m_sp = channel_lanes(i_p, P, S, BP, BS)
+    b_a, b_a2, b_noise = load_dynamics(a, p, i_h, o_p, o_s, m_sp, H, P, S)
+    o_state = state_offsets(i_n, i_h, o_p, o_s, H, P, S)
     b_sigma = 1.0 / tl.load(lam0 + o_state, mask=m_sp, other=1.0).to(tl.float32)
     b_mu = tl.load(eta0 + o_state, mask=m_sp, other=0.0).to(tl.float32) * b_sigma
     b_lmm = tl.full([BS, BP], 1.0, tl.float32)
@@ -131,16 +132,16 @@ def _kla_bwd_map_kernel(
     b_lss = tl.full([BS, BP], 1.0, tl.float32)
     b_om = tl.zeros([BS, BP], tl.float32)
     b_os = tl.zeros([BS, BP], tl.float32)
-    n_v, n_lv, n_k, n_q = _load_token(v, lambda_v, k, q, bos, i_h, o_p, o_s, m_p, m_s, H, P, S)
+    n_v, n_lv, n_k, n_q = load_token(v, lambda_v, k, q, bos, i_h, o_p, o_s, m_p, m_s, H, P, S)
     for t in range(bos, eos):
         b_v, b_lv, b_k, b_q = n_v, n_lv, n_k, n_q
-        n_v, n_lv, n_k, n_q = _load_token(v, lambda_v, k, q, tl.minimum(t + 1, eos - 1), i_h, o_p, o_s, m_p, m_s,
+        n_v, n_lv, n_k, n_q = load_token(v, lambda_v, k, q, tl.minimum(t + 1, eos - 1), i_h, o_p, o_s, m_p, m_s,
                                           H, P, S)
         o_tp = (t * H + i_h) * P + o_p
         b_gy = tl.load(d_y + o_tp, mask=m_p, other=0.0).to(tl.float32)
-        b_phi, b_r = _observation(b_v, b_lv, b_k)
+        b_phi, b_r = observation(b_v, b_lv, b_k)
         b_innov = b_r - b_phi * b_a * b_mu  # with the prior mean μ_{t−1}
-        b_sigma, b_mu, b_iota = _step(b_sigma, b_mu, b_phi, b_r, b_a, b_a2, b_noise, FAST_RCP)
+        b_sigma, b_mu, b_iota = update_step(b_sigma, b_mu, b_phi, b_r, b_a, b_a2, b_noise, FAST_RCP)
         b_q = b_q.to(tl.float32)
         b_gmm = b_a * b_iota
         b_gss = b_a2 * b_iota * b_iota
@@ -181,7 +182,7 @@ def triton_forward_adjoint_maps(v, lambda_v, k, q, a, p, lam0, eta0, d_y, d_yvar
     state (either may be None), or not at all; ``d_yvar`` None when y_var has no cotangent."""
     B, L, H, P = v.shape
     S = k.shape[-1]
-    n_seq, T, cu, is_varlen = _prepare(v, cu_seqlens)
+    n_seq, T, cu, is_varlen = prepare_rows(v, cu_seqlens)
     a, p, lam0, eta0 = (to_kernel(x) for x in (a, p, lam0, eta0))
     state_shape = (n_seq, H, S, P)
     map_q = torch.empty(3, *state_shape, dtype=torch.float32, device=v.device)
@@ -194,11 +195,11 @@ def triton_forward_adjoint_maps(v, lambda_v, k, q, a, p, lam0, eta0, d_y, d_yvar
                         for g in grad_final_state)
     else:
         mode, end_a, end_b = 0, map_o, map_o
-    BP, BS, warps = _blocks(P, S)
+    BP, BS, warps = block_sizes(P, S)
     grid = (n_seq * H, triton.cdiv(P, BP))
     _kla_bwd_map_kernel[grid](
         v, lambda_v, k, q, a, p, lam0, eta0, d_y, d_y if d_yvar is None else d_yvar, end_a, end_b, map_q, map_o, cu,
         T, H=H, P=P, S=S, BP=BP, BS=BS, IS_VARLEN=is_varlen, HAS_VAR=d_yvar is not None, END_ADJOINT=mode,
-        FAST_RCP=_gpu_compiled(v), num_warps=warps,
+        FAST_RCP=is_gpu_compiled(v), num_warps=warps,
     )
     return from_kernel(map_q), from_kernel(map_o)

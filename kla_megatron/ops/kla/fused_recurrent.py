@@ -16,7 +16,8 @@ except ImportError:  # CPU-only installs without Triton still get the PyTorch st
 
 
 if triton is not None:
-    from .chunk import _blocks, _lanes
+    from .chunk import block_sizes
+    from .triton_common import channel_lanes
 
     @triton.jit
     def _kla_step_kernel(
@@ -28,7 +29,7 @@ if triton is not None:
         # register layout a transposed copy would protect.
         i_bh, i_p = tl.program_id(0), tl.program_id(1)
         i_h = i_bh % H
-        o_p, o_s, m_p, m_s, m_sp = _lanes(i_p, P, S, BP, BS)
+        o_p, o_s, m_p, m_s, m_sp = channel_lanes(i_p, P, S, BP, BS)
         o_ps = o_p[None, :] * S + o_s[:, None]
         b_a = tl.load(a + i_h * P * S + o_ps, mask=m_sp, other=1.0).to(tl.float32)
         b_noise = tl.load(p + i_h * P * S + o_ps, mask=m_sp, other=0.0).to(tl.float32)
@@ -59,7 +60,7 @@ def triton_kla_step(v, lambda_v, k, q, a, p, lam, eta):
     v, lambda_v, k, q, a, p, lam, eta = (x.contiguous() for x in (v, lambda_v, k, q, a, p, lam, eta))
     y, y_var = torch.empty_like(v), torch.empty_like(v)
     lam_out, eta_out = torch.empty_like(lam), torch.empty_like(eta)
-    BP, BS, warps = _blocks(P, S)
+    BP, BS, warps = block_sizes(P, S)
     grid = (B * H, triton.cdiv(P, BP))
     _kla_step_kernel[grid](v, lambda_v, k, q, a, p, lam, eta, y, y_var, lam_out, eta_out,
                            H=H, P=P, S=S, BP=BP, BS=BS, num_warps=warps)

@@ -218,7 +218,7 @@ def triton_kla_scan(v, lambda_v, k, q, a, p, initial_state=None, output_final_st
     lam0, eta0 = (s.float().contiguous() for s in initial_state) if initial_state is not None else (None, None)
     B, L, H, P = v.shape
     if cu_seqlens is None and segment_len is None:
-        BP, _, warps = chunk._blocks(P, k.shape[-1])
+        BP, _, warps = chunk.block_sizes(P, k.shape[-1])
         segment_len = choose_segment_len(B * H * triton.cdiv(P, BP) * warps, L, v.device)
     if cu_seqlens is None and segment_len is not None and segment_len < L:
         if segment_len % CHUNK:
