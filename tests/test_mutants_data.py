@@ -133,3 +133,37 @@ def test_an_empty_split_that_is_needed_is_refused(tmp_path, monkeypatch, split, 
     prefix = _indexed(tmp_path, [[10] * 5] * 8, VOCAB - 1)
     with pytest.raises(ValueError, match=f"^{problem}$"):
         data.build_datasets(_indexed_run(prefix, f"data.split={split}", f"train.eval_interval={eval_interval}"), VOCAB)
+
+
+def test_model_inputs_land_on_the_given_device():
+    batch = {k: torch.ones(2, 3, dtype=torch.int64) for k in ("tokens", "labels", "loss_mask")}
+    inputs, _ = data.model_inputs(batch, 1, False, "meta")  # a device the batch is not on
+    assert {k: v.device.type for k, v in inputs.items()} == dict.fromkeys(inputs, "meta")
+
+
+def test_the_sample_order_follows_the_seed(tmp_path, monkeypatch):
+    monkeypatch.setattr(tokenizer, "load_tokenizer", _null_tokenizer)
+    prefix = _indexed(tmp_path, [[10 + i] * 3 for i in range(16)], VOCAB - 1)
+
+    def order(seed):
+        ds = data.build_datasets(_indexed_run(prefix, "data.split=1,0,0", "train.eval_interval=0",
+                                              f"train.seed={seed}", f"data.cache_dir={tmp_path / str(seed)}"), VOCAB)
+        return [ds.train[i]["tokens"].tolist() for i in range(6)]
+
+    assert order(1) == order(1) != order(2)
+
+
+def test_every_rank_of_a_process_group_builds_its_datasets(tmp_path):
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        ds = data.build_datasets(_run("train.eval_interval=1", "train.eval_iters=1"), VOCAB)
+        assert ds.train is not None and ds.valid is not None
+    finally:
+        dist.destroy_process_group()
