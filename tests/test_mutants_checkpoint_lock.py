@@ -164,3 +164,58 @@ def test_audit_of_torch_dist_metadata(tmp_path):
     for module, name in [("torch", "load"), ("torch.distributed.checkpoint.metadata", "cast"), ("os", "system")]:
         with pytest.raises(pickle.UnpicklingError, match=f"it refers to {module}.{name}"):
             ckpt._allowed_global(module, name)
+
+
+def _dcp_save(model, state):
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(state, checkpoint_id=str(model))
+    meta = pickle.loads((model / ".metadata").read_bytes())
+    meta.storage_meta = None  # the checkpoint_id as a pathlib.Path: megatron's own writer stores none
+    (model / ".metadata").write_bytes(pickle.dumps(meta))
+
+
+def test_audit_checks_each_byte_item_of_torch_dist_shards(tmp_path):
+    model = tmp_path / "model"
+    _dcp_save(model, {"w": torch.arange(4.0), "extra": {"step": 3, "name": "x"}})
+    assert ckpt.audit(str(tmp_path)) is None
+    _dcp_save(model, {"w": torch.arange(4.0), "obj": Payload()})
+    assert ckpt.audit(str(tmp_path)) == (f"file model/__0_0.distcp refused: item obj refers to {__name__}.Payload, "
+                                         "which could run code when loaded")
+    shard = model / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:40])  # the item's bytes are gone
+    assert ckpt.audit(str(tmp_path)).startswith("file model/__0_0.distcp: item obj is unreadable (")
+    meta = pickle.loads((model / ".metadata").read_bytes())
+    for info in meta.storage_data.values():
+        info.transform_descriptors = ["zstd"]
+    (model / ".metadata").write_bytes(pickle.dumps(meta))
+    assert ckpt.audit(str(tmp_path)) == ("file model/__0_0.distcp: item obj is stored transformed (['zstd']); "
+                                         "cannot check it")
+
+
+def _resave_failing(tmp_path, monkeypatch, fail_on):
+    from tests.test_mutants_checkpoint import _save
+
+    _save(tmp_path, 5, b"old")
+    real = os.rename
+    monkeypatch.setattr(ckpt.os, "rename", lambda a, b: (_ for _ in ()).throw(OSError(5, "I/O error"))
+                        if a.endswith(fail_on) else real(a, b))
+    return _save
+
+
+def test_a_failed_publish_puts_the_replaced_checkpoint_back(tmp_path, monkeypatch):
+    save = _resave_failing(tmp_path, monkeypatch, ".tmp")
+    with pytest.raises(OSError, match="I/O error"):
+        save(tmp_path, 5, b"new")
+    assert sorted(os.listdir(tmp_path)) == ["iter_0000005"]
+    assert (tmp_path / "iter_0000005" / "model" / "w.bin").read_bytes() == b"old"
+
+
+def test_an_unreadable_file_fails_the_save_naming_it(tmp_path, monkeypatch):
+    from tests.test_mutants_checkpoint import _save
+
+    monkeypatch.setattr(ckpt, "file_checksum", lambda path, algo="": (_ for _ in ()).throw(OSError(5, "I/O error")))
+    with pytest.raises(RuntimeError, match=r"^saving checkpoint .*iter_0000002 failed \(partial save removed\): "
+                                           r"\S+: OSError: \[Errno 5\] I/O error$"):
+        _save(tmp_path, 2)
+    assert os.listdir(tmp_path) == []
