@@ -219,3 +219,33 @@ def test_an_unreadable_file_fails_the_save_naming_it(tmp_path, monkeypatch):
                                            r"\S+: OSError: \[Errno 5\] I/O error$"):
         _save(tmp_path, 2)
     assert os.listdir(tmp_path) == []
+
+
+def test_a_save_that_cannot_start_raises_its_own_error(tmp_path):
+    root = tmp_path / "file"
+    root.write_text("not a directory")
+    with pytest.raises(NotADirectoryError):
+        ckpt.begin(str(root), 1)
+
+
+def test_abort_reports_other_ranks_failures_and_what_is_left(tmp_path):
+    (tmp_path / "iter_0000003.tmp").mkdir()
+    with pytest.raises(RuntimeError, match=rf"^saving checkpoint {tmp_path}/iter_0000003 failed \(partial save "
+                                           r"removed\): rank 1: boom$"):
+        ckpt._abort_save(str(tmp_path), 3, [None, {"disk_full": False, "text": "rank 1: boom"}], None)
+    assert not (tmp_path / "iter_0000003.tmp").exists()
+    with pytest.raises(ckpt.DiskFullError, match=r"\(rank 1 full\); 0 B were written before it failed, .* free; "
+                                                 r"partial save removed, earlier checkpoints kept: none$"):
+        ckpt._abort_save(str(tmp_path), 3, [None, {"disk_full": True, "text": "rank 1 full"}], None)
+
+
+def test_a_failure_on_a_full_disk_without_its_errno_is_found_by_a_test_write(tmp_path, monkeypatch):
+    assert not ckpt._out_of_space(str(tmp_path)) and os.listdir(tmp_path) == []  # the probe is removed
+    where = []
+    monkeypatch.setattr(ckpt, "_out_of_space", lambda path: where.append(path) or True)
+    assert ckpt._failure(RuntimeError("unexpected pos 12"), str(tmp_path), 4) == {
+        "disk_full": True, "text": "RuntimeError: unexpected pos 12; a 1 MiB test write there fails with ENOSPC/EDQUOT"}
+    (tmp_path / "iter_0000004.tmp").mkdir()
+    ckpt._failure(RuntimeError("x"), str(tmp_path), 4)
+    assert where == [str(tmp_path), str(tmp_path / "iter_0000004.tmp")]
+    assert ckpt._failure(OSError(28, "No space left on device"), str(tmp_path), 4)["disk_full"] and len(where) == 2
