@@ -145,12 +145,12 @@ def test_the_sample_order_follows_the_seed(tmp_path, monkeypatch):
     monkeypatch.setattr(tokenizer, "load_tokenizer", _null_tokenizer)
     prefix = _indexed(tmp_path, [[10 + i] * 3 for i in range(16)], VOCAB - 1)
 
-    def order(seed):
+    def order(seed, cache):  # a fresh index cache each time: the order is computed, not read back
         ds = data.build_datasets(_indexed_run(prefix, "data.split=1,0,0", "train.eval_interval=0",
-                                              f"train.seed={seed}", f"data.cache_dir={tmp_path / str(seed)}"), VOCAB)
+                                              f"train.seed={seed}", f"data.cache_dir={tmp_path / cache}"), VOCAB)
         return [ds.train[i]["tokens"].tolist() for i in range(6)]
 
-    assert order(1) == order(1) != order(2)
+    assert order(1, "a") == order(1, "b") != order(2, "c")
 
 
 def test_every_rank_of_a_process_group_builds_its_datasets(tmp_path):
