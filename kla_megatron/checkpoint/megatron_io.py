@@ -27,7 +27,7 @@ import torch.distributed as dist
 from kla_megatron.models import MODEL_CONFIG_FILE, KLAModelConfig, save_model_config
 
 from . import ranks
-from .names import check_state_dict
+from .names import check_state_dict, shape_mismatch
 
 _MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
 
@@ -119,10 +119,8 @@ def check_model_shapes(models, ckpt_dir) -> None:
         dist.all_gather_object(every, wanted)
         for other in every:
             wanted.update(other)
-    missing = set(wanted) - set(stored)
-    unknown = set(stored) - set(wanted)
-    shapes = [f"{k}: stored {stored[k]} != model {wanted[k]}" for k in sorted(set(stored) & set(wanted))
-              if stored[k] != wanted[k]]
+    missing, unknown, differ = shape_mismatch(stored, wanted)
+    shapes = [f"{k}: stored {have} != model {want}" for k, have, want in differ]
     problems = []
     if missing:
         problems.append(f"tensors the model needs are not stored: {_short(missing)}")

@@ -112,12 +112,19 @@ def hf_to_megatron(state: Dict[str, torch.Tensor], pattern: str) -> Dict[str, to
     return {_rename(k, pattern, False): v for k, v in state.items()}
 
 
+def shape_mismatch(have: Dict[str, tuple], want: Dict[str, tuple]):
+    """How two name → shape maps disagree: (wanted names absent, names not wanted, sorted
+    ``(name, have shape, wanted shape)`` of the names both hold with different shapes)."""
+    both = sorted(set(have) & set(want))
+    return (sorted(set(want) - set(have)), sorted(set(have) - set(want)),
+            [(k, have[k], want[k]) for k in both if have[k] != want[k]])
+
+
 def check_state_dict(state: Dict[str, torch.Tensor], expected: Dict[str, torch.Tensor], what: str) -> None:
     """ValueError naming missing, unexpected and mis-shaped tensors (``expected``: name → tensor)."""
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [f"{k}: {tuple(state[k].shape)} != expected {tuple(expected[k].shape)}"
-              for k in sorted(set(state) & set(expected)) if tuple(state[k].shape) != tuple(expected[k].shape)]
+    missing, unexpected, differ = shape_mismatch({k: tuple(v.shape) for k, v in state.items()},
+                                                 {k: tuple(v.shape) for k, v in expected.items()})
+    shapes = [f"{k}: {have} != expected {want}" for k, have, want in differ]
     problems = []
     if missing:
         problems.append(f"missing tensors {missing}")
