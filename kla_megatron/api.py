@@ -84,7 +84,7 @@ def resolve_runtime(runtime: Optional[KLARuntimeConfig]) -> KLARuntimeConfig:
     """``runtime`` (default ``KLARuntimeConfig()``); without CUDA a Triton scan backend becomes
     ``auto`` (the Triton kernels need a GPU; ``auto`` picks the fastest exact CPU scan)."""
     runtime = runtime or KLARuntimeConfig()
-    if not torch.cuda.is_available() and runtime.scan_backend not in ("auto", "torch", "recurrent", "naive"):
+    if not torch.cuda.is_available() and runtime.scan_backend == "triton":
         runtime = dataclasses.replace(runtime, scan_backend="auto")
     return runtime
 
