@@ -130,3 +130,18 @@ def test_gpu_glue_bf16_at_model_size():
     out, grad = _grads(lambda y_, z_, zg_, l_: gated_output(y_, z_, gate_of(zg_), l_), dev, seed=5)
     assert _rel(out[0], ref_out[0]) < 1e-2
     assert all(_rel(a, b) < 1e-2 for a, b in zip(grad, ref_grad))
+
+
+def test_glue_ops_pass_opcheck_with_a_strided_gate():
+    """Fake (meta) implementations give the real ops' shapes *and strides*: with ``gate`` a
+    strided view, as in the layer, a fake that copied its strides broke CUDA-graph compiles."""
+    B, L, M = 2, 5, 8
+    y, z, zg, lam = (t.float().to(DEVICE) for t in _gate_inputs(B, L, M, seed=9))
+    gate = zg.transpose(0, 1)[..., M:]
+    assert not gate.is_contiguous()
+    lam = lam.reshape(())
+    torch.library.opcheck(torch.ops.kla.gate_fwd, (y, z, gate, lam))
+    d_out = torch.randn(L, B, M, device=DEVICE)
+    torch.library.opcheck(torch.ops.kla.gate_bwd, (y, z, gate, lam, d_out))
+    sens = _sens(2, B, L, 3, 2, seed=8).float().to(DEVICE)
+    torch.library.opcheck(torch.ops.kla.sensors_fwd, (sens, 2))

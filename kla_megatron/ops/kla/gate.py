@@ -109,14 +109,17 @@ if triton is not None:
         B, L, M = z.shape
         return z.new_empty(L, B, M)
 
+    def _contiguous_grads(y, z, gate):
+        """dy, dz, dgate buffers, contiguous whatever the inputs' strides (``gate`` is usually a
+        strided view); the fake must allocate the same, or compiled graphs assert on strides."""
+        return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (y, z, gate))
+
     @torch.library.custom_op("kla::gate_bwd", mutates_args=())
     def _gate_bwd(y: Tensor, z: Tensor, gate: Tensor, lambda_skip: Tensor,
                   d_out: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         B, L, M = z.shape
         grid = _grid(B, L, M)
-        d_y, d_z, d_gate = torch.empty_like(y, memory_format=torch.contiguous_format), \
-            torch.empty_like(z, memory_format=torch.contiguous_format), \
-            torch.empty_like(gate, memory_format=torch.contiguous_format)
+        d_y, d_z, d_gate = _contiguous_grads(y, z, gate)
         part = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=z.device)
         _gate_bwd_kernel[grid](y, z, gate, lambda_skip, d_out, d_y, d_z, d_gate, part, B * L, L, M, B,
                                *_strides(y, z, gate), BR=BR, BM=BM)
@@ -124,8 +127,7 @@ if triton is not None:
 
     @_gate_bwd.register_fake
     def _(y, z, gate, lambda_skip, d_out):
-        return (torch.empty_like(y), torch.empty_like(z), torch.empty_like(gate),
-                lambda_skip.new_empty(()))
+        return (*_contiguous_grads(y, z, gate), lambda_skip.new_empty(()))
 
     def _setup(ctx, inputs, output):
         ctx.save_for_backward(*inputs)
