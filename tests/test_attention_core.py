@@ -605,7 +605,7 @@ def _gpu_inputs(s=4096, b=2, nh=16, ng=16, d=128, seed=0):
 
 
 def _math_reference(q, k, v, cu=None):
-    """fp32 SDPA math backend on the same bf16 values, causal (+ documents)."""
+    """fp32 SDPA math backend on the same (bf16-representable) values, causal (+ documents)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     s = q.shape[0]
@@ -668,7 +668,7 @@ def test_gpu_flash_selected_and_matches_math(case, heads):
     (out, grads), ops, square = profiled_ops(run, s)
     assert not square and "aten::_softmax" not in ops, (square, sorted(ops))
     assert FLASH_OPS & ops, sorted(ops)
-    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref_leaves = [t.float().requires_grad_() for t in (q, k, v)]  # fp32 leaves: fp32 gradients
     ref = _math_reference(*ref_leaves, cu)
     ref_grads = torch.autograd.grad(ref, ref_leaves, go.float())
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
@@ -700,7 +700,7 @@ def test_gpu_cp_chunk_is_flash_lower_right(docs):
     (out, grads), ops, square = profiled_ops(run, n)
     assert not square and "aten::_softmax" not in ops, (square, sorted(ops))
     assert FLASH_OPS & ops, sorted(ops)
-    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref_leaves = [t.float().requires_grad_() for t in (q, k, v)]  # fp32 leaves: fp32 gradients
     ref = _math_reference(*ref_leaves, cu)[start : start + n]
     ref_grads = torch.autograd.grad(ref, ref_leaves, go[start : start + n].float())
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
