@@ -1,4 +1,5 @@
 """kla_megatron.parallel.local_ranks: results come back per rank, failures carry the traceback."""
+import os
 import pytest
 import torch
 import torch.distributed as dist
@@ -25,3 +26,20 @@ def test_results_per_rank():
 def test_failure_reports_the_failing_rank_traceback():
     with pytest.raises(RuntimeError, match=r"(?s)rank 1:.*ValueError: rank one is broken"):
         spawn_gloo(_fail_on_rank_one, 2, pass_rank=True)
+
+
+def _visible_gpus(rank, world_size):
+    import torch
+
+    return os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.device_count()
+
+
+def test_ranks_see_no_gpu_and_this_process_keeps_its_setting(monkeypatch):
+    """The ranks run on the CPU on a GPU node too (megatron over gloo on CUDA tensors crashed);
+    the caller's CUDA_VISIBLE_DEVICES, set or not, is left as it was."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    assert spawn_gloo(_visible_gpus, 2, pass_rank=True) == [("", 0), ("", 0)]
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    spawn_gloo(_visible_gpus, 1, pass_rank=True)
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ

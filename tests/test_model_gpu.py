@@ -1,7 +1,7 @@
 """GPU versions of the model tests (run by the lead on H200s; skipped without CUDA).
 
 - ``gpu``: the pure-KLA and hybrid models run forward + backward in bf16 with the Triton
-  scan and match the PyTorch scan backend (same weights).
+  scan and are as close to the fp32 model as the PyTorch scan backend in bf16 (same weights).
 - ``multigpu``: the TP / TP+SP / PP / TP×PP equivalence of test_model_parallel.py over NCCL
   (2 or 4 GPUs; the layouts that need 4 are skipped on 2).
 """
@@ -73,28 +73,37 @@ def test_parallel_layouts_match_single_gpu_nccl(tmp_path):
                 torch.testing.assert_close(grads[name], grad, rtol=1e-6, atol=1e-8, msg=f"{layout}/{key}: {name}")
 
 
+# (dtype, scan backend) of each bf16 run and of the fp32 reference they are measured against
+BF16_RUNS = {"reference": (torch.float32, "torch"), "torch": (torch.bfloat16, "torch"),
+             "triton": (torch.bfloat16, "triton")}
+
+
 def _bf16_run(rank, world_size):
     h.setup_parallel(1, 1)
     out = {}
     for key, (pattern, preset, extra) in PATTERNS.items():
-        for backend in ("torch", "triton"):
+        for run, (dtype, backend) in BF16_RUNS.items():
             cfg = h.tiny_config(pattern, preset, hidden_size=256, kla_heads=4, d_state=16, num_attention_heads=4,
                                 ffn_hidden_size=512, kla_var_rank=32, max_seq_len=512, **extra)
-            model = h.build(cfg, dtype=torch.bfloat16, runtime_config=h.runtime(backend)).cuda()
+            model = h.build(cfg, dtype=dtype, runtime_config=h.runtime(backend)).cuda()
             h.det_init(model)
             tokens = torch.randint(0, h.V, (2, 512), generator=torch.Generator().manual_seed(0)).cuda()
             loss = model(tokens, None, None, labels=tokens).mean()
             loss.backward()
-            out[key, backend] = (loss.item(), {n: p.grad.float().cpu() for n, p in model.named_parameters()})
+            out[key, run] = (loss.item(), {n: p.grad.float().cpu() for n, p in model.named_parameters()})
     return out
 
 
 @pytest.mark.gpu
-def test_bf16_triton_matches_torch_backend(tmp_path):
+def test_bf16_triton_is_as_accurate_as_torch_backend(tmp_path):
+    """Same weights in bf16 through the Triton kernels and through the PyTorch scan, each against
+    the fp32 model: the kernels (fp32 state, bf16 I/O) are within 1.25x of the PyTorch bf16 path's
+    error on the loss and every gradient (or within 1e-2 where both are tiny)."""
     out = run_nccl(_bf16_run, 1, tmp_path)[0]
     for key in PATTERNS:
-        (loss_t, grads_t), (loss_k, grads_k) = out[key, "torch"], out[key, "triton"]
-        assert loss_k == pytest.approx(loss_t, rel=2e-2)
-        for name, grad in grads_t.items():
-            err = (grads_k[name] - grad).norm() / grad.norm().clamp_min(1e-12)
-            assert err < 5e-2, f"{key}: {name} relative error {err:.3e}"
+        (loss_r, grads_r), (loss_t, grads_t), (loss_k, grads_k) = (out[key, run] for run in BF16_RUNS)
+        assert abs(loss_k - loss_r) <= max(1.25 * abs(loss_t - loss_r), 1e-2 * abs(loss_r)), (loss_r, loss_t, loss_k)
+        for name, ref in grads_r.items():
+            rel = lambda g: ((g - ref).norm() / ref.norm().clamp_min(1e-12)).item()  # noqa: E731
+            err_t, err_k = rel(grads_t[name]), rel(grads_k[name])
+            assert err_k <= max(1.25 * err_t, 1e-2), f"{key}: {name} triton {err_k:.3e} vs torch {err_t:.3e}"

@@ -2,10 +2,13 @@
 
 Used where a job must act at a given parallel layout without a launcher: offline checkpoint
 conversion (a megatron checkpoint is written at its TP/PP layout) and the multi-rank CPU tests.
-Each rank's return value (or traceback) travels back through a temporary file.
+Each rank's return value (or traceback) travels back through a temporary file. The ranks run
+on the CPU even on a GPU node: megatron-core's collectives on CUDA tensors need NCCL, and over
+gloo they crashed the rank (SIGSEGV), so the ranks are started with no GPU visible.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -48,11 +51,25 @@ def _entry(rank, world_size, port, fn, args, pass_rank, out_dir):
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def _no_visible_gpus():
+    """Spawned children inherit the environment: hide the GPUs from them, not from this process."""
+    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = saved
+
+
 def spawn_gloo(fn, world_size: int, args=(), *, pass_rank: bool = False) -> list:
     """``fn(*args)`` (or ``fn(rank, world_size, *args)``) on ``world_size`` spawned ranks;
     returns every rank's result. A failure on any rank raises RuntimeError carrying the
     failing ranks' tracebacks. ``fn`` must be importable (spawn pickles it)."""
-    with tempfile.TemporaryDirectory() as out_dir:
+    with tempfile.TemporaryDirectory() as out_dir, _no_visible_gpus():
         try:
             mp.spawn(_entry, args=(world_size, free_port(), fn, args, pass_rank, out_dir),
                      nprocs=world_size, join=True)
