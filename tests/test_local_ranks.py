@@ -43,3 +43,18 @@ def test_ranks_see_no_gpu_and_this_process_keeps_its_setting(monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     spawn_gloo(_visible_gpus, 1, pass_rank=True)
     assert "CUDA_VISIBLE_DEVICES" not in os.environ
+
+
+def _where(*_):
+    return os.getpid(), os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def test_conversion_runs_one_rank_here_on_cpu_and_spawned_without_gpus_on_a_gpu_node(monkeypatch):
+    """checkpoint/ranks.run: in this process on a CPU machine; with CUDA, a spawned rank that sees
+    no GPU (in this process megatron would build the model on the GPU, the inputs on the CPU)."""
+    from kla_megatron.checkpoint import ranks
+
+    assert ranks.run(_where, 1)[0] == os.getpid()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    pid, visible = ranks.run(_where, 1)
+    assert pid != os.getpid() and visible == ""
