@@ -53,14 +53,15 @@ class EncodedChunk:
 _STATE: dict = {}
 
 
-def init_worker(model_path: str, json_key: str, split: bool) -> None:
-    """Load the tokenizer once per worker process."""
+def init_worker(model_path: str, json_key: str, split: bool, dtype: str = "int32") -> None:
+    """Load the tokenizer once per worker process; ids are returned as ``dtype``, the output's
+    (a ``uint16`` result crosses the pipe to the writer in half the bytes of ``int32``)."""
     encoder, engine = load_encoder(model_path)
     # the library tokenizer knows its EOD; sentencepiece's is the EOS piece
     eod = encoder.tok.eod if hasattr(encoder, "tok") else encoder.sp.eos_id()
     if eod < 0:
         raise ValueError(f"tokenizer {model_path} has no EOS piece to use as EOD; retrain it with an --eos-id")
-    _STATE.update(encoder=encoder, eod=eod, json_key=json_key, split=split, engine=engine)
+    _STATE.update(encoder=encoder, eod=eod, json_key=json_key, split=split, engine=engine, dtype=np.dtype(dtype))
 
 
 def encode_chunk(chunk: Chunk) -> EncodedChunk:
@@ -83,7 +84,7 @@ def encode_chunk(chunk: Chunk) -> EncodedChunk:
     tokens = np.insert(tokens, np.cumsum(lengths)[last], np.int32(eod))
     lengths[last] += 1
     return EncodedChunk(
-        tokens=tokens,
+        tokens=tokens.astype(_STATE["dtype"], copy=False),
         sequence_lengths=lengths,
         sequences_per_document=np.asarray(per_doc, dtype=np.int64),
         nbytes=chunk.nbytes,
