@@ -201,7 +201,18 @@ def text_documents(path: str, fmt: str, text_mode: str = "line"):
         yield _checked(path, _documents(stream, fmt, text_mode)), position
 
 
-def _checked(path: str, documents: Iterator[Tuple[int, bytes]]) -> Iterator[Tuple[int, bytes]]:
+@contextmanager
+def text_blocks(path: str, block_bytes: int):
+    """Open a text or JSONL file for line-mode reading in blocks: gives ``(blocks,
+    disk_position)`` where blocks iterates ``line_blocks`` of the decompressed file and
+    ``disk_position`` is as in ``text_documents``. The reader only cuts blocks; whoever
+    encodes a block splits it into documents (``block_documents``)."""
+    stream, position = open_stream(path)
+    with stream:
+        yield _checked(path, line_blocks(stream, block_bytes)), position
+
+
+def _checked(path: str, documents: Iterator) -> Iterator:
     """A damaged or truncated compressed file is a one-line error naming it, not a traceback."""
     try:
         yield from documents
@@ -217,10 +228,35 @@ def _documents(f: BinaryIO, fmt: str, text_mode: str) -> Iterator[Tuple[int, byt
     if fmt == "text" and text_mode == "paragraph":
         yield from _iter_paragraphs(f)
         return
-    for lineno, line in enumerate(f, start=1):
-        raw = _strip_eol(line)
-        if raw.strip():
-            yield lineno, raw
+    for first_line, data in line_blocks(f, 1 << 20):
+        yield from block_documents(data, first_line)
+
+
+def line_blocks(f: BinaryIO, block_bytes: int) -> Iterator[Tuple[int, bytes]]:
+    """``(first_line, data)``: the stream in blocks of about ``block_bytes``, each ending at
+    the end of a line (or of the file), with the 1-based number of its first line."""
+    first_line = 1
+    while True:
+        data = f.read(block_bytes)
+        if not data:
+            return
+        if not data.endswith(b"\n"):
+            data += f.readline()
+        yield first_line, data
+        first_line += data.count(b"\n")
+
+
+def block_documents(data: bytes, first_line: int) -> Iterator[Tuple[int, bytes]]:
+    """``(line_number, raw)`` of each line of a ``line_blocks`` block that is not blank, without
+    its line end: ``"\n"`` and a ``"\r"`` before it (a last line with no ``"\n"`` is kept whole,
+    as iterating over the file gives it). One split of the block, not a call per line."""
+    lines = data.split(b"\n")
+    last = len(lines) - 1
+    for i, line in enumerate(lines):
+        if i < last and line.endswith(b"\r"):
+            line = line[:-1]
+        if line.strip():
+            yield first_line + i, line
 
 
 def _iter_paragraphs(f: BinaryIO) -> Iterator[Tuple[int, bytes]]:

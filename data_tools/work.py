@@ -1,11 +1,13 @@
 """The work of one preprocess run: its shards (input files, or one Hugging Face dataset),
 each cut into work items in document order, and how a worker encodes an item.
 
-Items are consecutive documents of one shard: a chunk of text/JSONL lines read by the
-reading process, a parquet row group that the worker reads itself, or rows already read
-(a streamed parquet row group, a Hugging Face dataset). An item's result depends only on
-the item, and items are written in order, so the output is the same for any number of
-workers. Each item carries how many bytes of the input on disk it covers, for progress.
+Items are consecutive documents of one shard: a block of whole text/JSONL lines that the
+worker splits into documents itself, a chunk of paragraphs or whole files, a parquet row
+group that the worker reads itself, or rows already read (a streamed parquet row group, a
+Hugging Face dataset). The reading process does little per document, as it shares the cores
+with the workers. An item's result depends only on the item, and items are written in
+order, so the output is the same for any number of workers. Each item carries how many
+bytes of the input on disk it covers, for progress.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Iterator, List, Optional, Tuple, Union
 
 from .encode import Chunk, EncodedChunk, encode_chunk
-from .inputs import Problem, check_format, expand_inputs, text_documents
+from .inputs import Problem, block_documents, check_format, expand_inputs, text_blocks, text_documents
 from . import parquet_input
 
 
@@ -42,6 +44,15 @@ class TextItem:
 
 
 @dataclass
+class LinesItem:
+    path: str
+    fmt: str
+    first_line: int
+    data: bytes  # whole lines as read: one buffer to send, not a tuple per document
+    disk_bytes: int
+
+
+@dataclass
 class RowsItem:
     path: str
     docs: List[Tuple[int, bytes]]  # (row, raw UTF-8)
@@ -58,7 +69,7 @@ class RowGroupItem:
     disk_bytes: int
 
 
-Item = Union[TextItem, RowsItem, RowGroupItem]
+Item = Union[LinesItem, TextItem, RowsItem, RowGroupItem]
 
 
 # ---------------------------------------------------------------- reading side
@@ -86,8 +97,21 @@ def iter_items(shard: Shard, cfg, hf_dataset=None) -> Iterator[Item]:
 
         for (docs, problems), nbytes in iter_batches(hf_dataset, shard.path, cfg.json_key, cfg.chunk_bytes):
             yield RowsItem(shard.path, docs, problems, nbytes)
+    elif shard.fmt == "jsonl" or cfg.text_mode == "line":  # a JSONL document is a line in every mode
+        yield from _line_items(shard, cfg.chunk_bytes)
     else:
         yield from _text_items(shard, cfg.text_mode, cfg.chunk_bytes)
+
+
+def _line_items(shard: Shard, chunk_bytes: int) -> Iterator[LinesItem]:
+    with text_blocks(shard.path, chunk_bytes) as (blocks, position):
+        done = 0
+        for first_line, data in blocks:
+            now = position()
+            yield LinesItem(shard.path, shard.fmt, first_line, data, now - done)
+            done = now
+    if shard.size > done:  # progress adds up to the file's size
+        yield LinesItem(shard.path, shard.fmt, 1, b"", shard.size - done)
 
 
 def _text_items(shard: Shard, text_mode: str, chunk_bytes: int) -> Iterator[TextItem]:
@@ -125,6 +149,8 @@ def _parquet_items(shard: Shard, column: str, chunk_bytes: int) -> Iterator[Item
 
 def encode_item(item: Item) -> EncodedChunk:
     """Decode and tokenize one item (in a worker set up by ``encode.init_worker``)."""
+    if isinstance(item, LinesItem):
+        return encode_chunk(Chunk(item.path, item.fmt, list(block_documents(item.data, item.first_line))))
     if isinstance(item, TextItem):
         return encode_chunk(item.chunk)
     if isinstance(item, RowGroupItem):

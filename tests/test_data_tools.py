@@ -336,11 +336,13 @@ def _bad_file(tmp_path):
     return str(path), {kind: 3 + i for i, kind in enumerate(BAD_LINES)}  # 1-based line numbers
 
 
-def test_bad_input_skip_reports_file_line_and_counts(corpus, tmp_path, capsys):
+@pytest.mark.parametrize("workers, chunk_bytes", [(1, 1 << 20), (2, 16)])  # 16: a block of a line or two
+def test_bad_input_skip_reports_file_line_and_counts(corpus, tmp_path, capsys, workers, chunk_bytes):
     path, line_of = _bad_file(tmp_path)
     log = tmp_path / "bad.log"
     s = _run(dict(inputs=[path], tokenizer_model=corpus["model"], output_prefix=str(tmp_path / "o"),
-                  bad_lines_log=str(log), max_bad_fraction=1.0))  # 6 of 8 bad: allowed here
+                  bad_lines_log=str(log), max_bad_fraction=1.0,  # 6 of 8 bad: allowed here
+                  workers=workers, chunk_bytes=chunk_bytes))
     assert s.documents == 2 and s.skipped == {k: 1 for k in BAD_LINES} and s.skipped_total == 6
     err = capsys.readouterr().err
     for kind, line in line_of.items():
