@@ -11,8 +11,9 @@ BPE with the model's rank table (``data_tools/tiktoken_encode.py``, what preproc
 ``--formats jsonl parquet`` also writes the same documents as parquet (``--row-group-docs``
 per row group) and times both formats with each worker count, ``--rounds`` times
 interleaved; rates are MB of document text per second, so both formats are measured on
-the same bytes. ``--rss-gb G`` builds a parquet file of about G GB of text and records the
-peak memory of a 2-worker run (reader/writer RSS, each worker's USS, their sum).
+the same bytes. ``--rss-gb G`` builds a parquet file of about G GB of text (``--rss-disk-gb G``:
+about G GB on disk) and records the peak memory of a 2-worker run (reader/writer RSS, each
+worker's USS, their sum).
 
     python bench/bench_preprocess.py --workers 1 2 --json-out bench/results/preprocess_cpu.json
     python bench/bench_preprocess.py --formats jsonl parquet --workers 1 2 --passes 4 --rounds 3 --rss-gb 2
@@ -114,10 +115,13 @@ def _rss_run(path: str, model: str, out: str, result_file: str) -> None:
                    "documents": s.documents, "tokens": s.tokens}, f)
 
 
-def rss_row(corpus: str, model: str, work_dir: str, gb: float) -> dict:
+def rss_row(corpus: str, model: str, work_dir: str, gb: float, on_disk: bool = False) -> dict:
     import multiprocessing
 
     size = text_bytes(corpus)
+    if on_disk:  # size by the file: one copy of the corpus as parquet, compressed as the big file is
+        one = os.path.join(work_dir, "large_1x.parquet")
+        size = os.path.getsize(one if os.path.exists(one) else write_parquet(corpus, one, 256))
     repeat = max(1, round(gb * 1e9 / size))
     path = os.path.join(work_dir, f"large_{repeat}x.parquet")
     if not os.path.exists(path):
@@ -193,6 +197,8 @@ def main() -> int:
     p.add_argument("--no-encoders", action="store_true", help="skip timing the encoders alone")
     p.add_argument("--rss-gb", type=float, default=0.0, help="also measure peak memory on a parquet file of "
                                                              "about this many GB of text (0: skip)")
+    p.add_argument("--rss-disk-gb", type=float, default=0.0,
+                   help="as --rss-gb, but the parquet file is about this many GB on disk (snappy: ~3x more text)")
     p.add_argument("--json-out", default=os.path.join(REPO, "bench", "results", "preprocess_cpu.json"))
     args = p.parse_args()
 
@@ -231,7 +237,10 @@ def main() -> int:
                              "seconds": s.seconds, "cpu_seconds": cpu, "mb_per_s": rate, "mb_per_s_per_core": rate / w,
                              "mb_per_cpu_s": text_mb / cpu, "main_cpu_seconds": own, "tokens": s.tokens, "documents": s.documents,
                              "encoder": s.encoder})
-    rss = rss_row(corpus, model, args.work_dir, args.rss_gb) if args.rss_gb > 0 else None
+    rss = None
+    if args.rss_gb > 0 or args.rss_disk_gb > 0:
+        on_disk = args.rss_disk_gb > 0
+        rss = rss_row(corpus, model, args.work_dir, args.rss_disk_gb if on_disk else args.rss_gb, on_disk)
 
     print(f"corpus {size_mb:.1f} MB JSONL, {text_mb / args.passes:.1f} MB of document text (preprocess reads it "
           f"{args.passes}x), BPE vocab {args.vocab_size}, {os.cpu_count()} CPUs, load avg {os.getloadavg()[0]:.1f}")

@@ -6,7 +6,7 @@ Pipeline: one reader (this process) cuts the inputs into work items of whole doc
 processes decode and tokenize them (``encode.py``), and this process writes the results
 in input order through megatron-core's ``IndexedDatasetBuilder``. At most
 ``2 * workers`` items are in flight, so memory stays flat however large the input is;
-only the index (a few bytes per sequence) grows with the corpus.
+only the index (8 bytes per sequence and per document) grows with the corpus.
 
 Bad documents are reported with ``file:line`` (``file:row N`` for rows) and skipped or
 fatal (``--on-error``); a dataset more than ``--max-bad-fraction`` of whose documents were
@@ -35,6 +35,7 @@ import signal
 import sys
 import time
 import warnings
+from array import array
 from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -337,6 +338,10 @@ class _DatasetWriter:
         self.prefix, self.cfg, self.what = prefix, cfg, what
         self.tmp_bin, self.tmp_idx = partial_paths(prefix)
         self.builder = builder_cls(self.tmp_bin, dtype=dtype)
+        # The index is all that grows with the input: keep it as 8-byte arrays, not the
+        # builder's lists of Python ints (~40 bytes an entry); finalize reads either.
+        self.builder.sequence_lengths = array("q", self.builder.sequence_lengths)
+        self.builder.document_indices = array("q", self.builder.document_indices)
         self.documents = self.sequences = self.tokens = 0
         self.bad: Counter = Counter()
         self.first_bad: Optional[Problem] = None
