@@ -2,12 +2,13 @@
 each cut into work items in document order, and how a worker encodes an item.
 
 Items are consecutive documents of one shard: a block of whole text/JSONL lines that the
-worker splits into documents itself, a chunk of paragraphs or whole files, a parquet row
-group that the worker reads itself, or rows already read (a streamed parquet row group, a
-Hugging Face dataset). The reading process does little per document, as it shares the cores
-with the workers. An item's result depends only on the item, and items are written in
-order, so the output is the same for any number of workers. Each item carries how many
-bytes of the input on disk it covers, for progress.
+worker splits into documents itself (and, from an uncompressed file, reads itself), a chunk
+of paragraphs or whole files, a parquet row group that the worker reads itself, or rows
+already read (a streamed parquet row group, a Hugging Face dataset). The reading process
+does little per document, as it shares the cores with the workers. An item's result
+depends only on the item, and items are written in order, so the output is the same for
+any number of workers. Each item carries how many bytes of the input on disk it covers,
+for progress.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from dataclasses import dataclass, replace
 from typing import Iterator, List, Optional, Tuple, Union
 
 from .encode import Chunk, EncodedChunk, encode_chunk
+from .filetypes import codec_of
 from .inputs import Problem, block_documents, check_format, expand_inputs, text_blocks, text_documents
 from . import parquet_input
 
@@ -48,8 +50,10 @@ class LinesItem:
     path: str
     fmt: str
     first_line: int
-    data: bytes  # whole lines as read: one buffer to send, not a tuple per document
+    data: Optional[bytes]  # whole lines as read: one buffer, not a tuple per document
     disk_bytes: int
+    offset: int = 0  # data None: the worker reads the size bytes at offset of the (uncompressed) file
+    size: int = 0
 
 
 @dataclass
@@ -98,18 +102,28 @@ def iter_items(shard: Shard, cfg, hf_dataset=None) -> Iterator[Item]:
         for (docs, problems), nbytes in iter_batches(hf_dataset, shard.path, cfg.json_key, cfg.chunk_bytes):
             yield RowsItem(shard.path, docs, problems, nbytes)
     elif shard.fmt == "jsonl" or cfg.text_mode == "line":  # a JSONL document is a line in every mode
-        yield from _line_items(shard, cfg.chunk_bytes)
+        yield from _line_items(shard, cfg.chunk_bytes, cfg.workers > 1 and not _compressed(shard.path))
     else:
         yield from _text_items(shard, cfg.text_mode, cfg.chunk_bytes)
 
 
-def _line_items(shard: Shard, chunk_bytes: int) -> Iterator[LinesItem]:
+def _compressed(path: str) -> bool:
+    with open(path, "rb") as f:
+        return codec_of(f.read(8)) is not None
+
+
+def _line_items(shard: Shard, chunk_bytes: int, by_offset: bool) -> Iterator[LinesItem]:
+    # by_offset: the worker reads its block again from the page cache, which costs less than
+    # sending it through a pipe (this process still reads it, to number the lines)
     with text_blocks(shard.path, chunk_bytes) as (blocks, position):
-        done = 0
+        done = offset = 0
         for first_line, data in blocks:
             now = position()
-            yield LinesItem(shard.path, shard.fmt, first_line, data, now - done)
-            done = now
+            if by_offset:
+                yield LinesItem(shard.path, shard.fmt, first_line, None, now - done, offset, len(data))
+            else:
+                yield LinesItem(shard.path, shard.fmt, first_line, data, now - done)
+            done, offset = now, offset + len(data)
     if shard.size > done:  # progress adds up to the file's size
         yield LinesItem(shard.path, shard.fmt, 1, b"", shard.size - done)
 
@@ -150,7 +164,8 @@ def _parquet_items(shard: Shard, column: str, chunk_bytes: int) -> Iterator[Item
 def encode_item(item: Item) -> EncodedChunk:
     """Decode and tokenize one item (in a worker set up by ``encode.init_worker``)."""
     if isinstance(item, LinesItem):
-        return encode_chunk(Chunk(item.path, item.fmt, list(block_documents(item.data, item.first_line))))
+        data = item.data if item.data is not None else _read_block(item.path, item.offset, item.size)
+        return encode_chunk(Chunk(item.path, item.fmt, list(block_documents(data, item.first_line))))
     if isinstance(item, TextItem):
         return encode_chunk(item.chunk)
     if isinstance(item, RowGroupItem):
@@ -162,3 +177,14 @@ def encode_item(item: Item) -> EncodedChunk:
     found = [replace(p, unit="row") for p in enc.problems]
     enc.problems = sorted(found + problems, key=lambda p: p.line)
     return enc
+
+
+def _read_block(path: str, offset: int, size: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        data = os.pread(fd, size, offset)
+    finally:
+        os.close(fd)
+    if len(data) != size:
+        raise ValueError(f"input {path} changed while it was read (shorter than when its lines were counted)")
+    return data

@@ -165,6 +165,11 @@ def test_zst_xz_gz_read_like_plain(tok, texts, tmp_path):
     for name in ("a.jsonl.gz", "a.jsonl.xz", "a.jsonl.zst", "misnamed.jsonl"):
         s = _run(tok, [str(tmp_path / name)], tmp_path / name.replace(".", "_"))
         assert _bytes(s.dataset_prefix) == _bytes(ref.dataset_prefix), name
+    # 2 workers read a plain file's blocks themselves at their offsets; a compressed one's (the
+    # misnamed zstd too) are sent to them decompressed
+    for name in ("a.jsonl", "misnamed.jsonl"):
+        s = _run(tok, [str(tmp_path / name)], tmp_path / f"w2_{name}", workers=2, chunk_bytes=4096)
+        assert _bytes(s.dataset_prefix) == _bytes(ref.dataset_prefix), name
 
 
 @pytest.mark.parametrize("codec", ["gz", "xz", "zst"])
