@@ -16,16 +16,15 @@ from pathlib import Path
 import pytest
 
 from tests.dist_utils import run_on_ranks
-from tests.test_train import TINY_MODEL, _argv
+from tests.test_train import _argv
+from tests.tiny_models import write_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def model_yaml(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "tiny_test.yaml"
-    path.write_text(TINY_MODEL)
-    return path
+    return write_tiny_model(tmp_path_factory.mktemp("model") / "tiny_test.yaml")
 
 
 def _main(argv) -> tuple[int, str, str, list[str]]:

@@ -15,7 +15,8 @@ import pytest
 
 from tests.dist_utils import run_on_ranks
 from tests.test_checkpoint_faults import _main
-from tests.test_train import TINY_MODEL, _argv
+from tests.test_train import _argv
+from tests.tiny_models import write_tiny_model
 
 
 def _iters(root: Path) -> list[str]:
@@ -73,8 +74,7 @@ def _body(rank, world, model_yaml, root):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("prune_resume")
-    model_yaml = root / "tiny.yaml"
-    model_yaml.write_text(TINY_MODEL)
+    model_yaml = write_tiny_model(root / "tiny.yaml")
     return run_on_ranks(_body, world_size=1, args=(str(model_yaml), str(root)))[0]
 
 

@@ -20,23 +20,11 @@ import pytest
 import torch
 
 from tests.dist_utils import run_on_ranks
+from tests.tiny_models import write_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO / "tests" / "golden" / "kla_ref_model.npz"
 
-HYBRID = """\
-vocab_size: 500
-hidden_size: 32
-num_layers: 4
-layer_pattern: "K-*-"
-kla_heads: 2
-d_state: 4
-num_attention_heads: 4
-num_query_groups: 2
-position_embedding: rope
-tie_embeddings: true
-max_seq_len: 64
-"""
 
 
 def _argv(ckpt_dir, *extra):
@@ -163,8 +151,8 @@ TP2PP2 = ("--set", "parallel.tensor=2", "--set", "parallel.pipeline=2", "--set",
 def tp2pp2(tmp_path_factory):
     """The hybrid model trained 2 steps at TP=2 x PP=2 (4 ranks, fp32), validated at the end."""
     root = tmp_path_factory.mktemp("tp2pp2")
-    model = root / "hybrid.yaml"
-    model.write_text(HYBRID)
+    model = write_tiny_model(root / "hybrid.yaml", vocab_size=500, num_query_groups=2, position_embedding="rope",
+                             tie_embeddings=True)
     argv = _argv(root / "hybrid", *TP2PP2, "--set", f"model={model}", "--set", "train.steps=2",
                  "--set", "train.eval_iters=1", "--set", "train.eval_interval=2")
     (hybrid,) = run_on_ranks(_runs, world_size=4, args=([argv],))[0]

@@ -12,24 +12,12 @@ from pathlib import Path
 import pytest
 
 from kla_megatron.parallel.local_ranks import free_port
+from tests.tiny_models import write_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 
-TINY_MODEL = """\
-vocab_size: 512
-hidden_size: 32
-num_layers: 2
-layer_pattern: "K-"
-kla_heads: 2
-d_state: 4
-num_attention_heads: 4
-max_seq_len: 64
-"""
-
-
 def tiny_train_args(tmp_path, config="tiny_cpu.yaml", steps=3, *extra):
-    model = tmp_path / "tiny_model.yaml"
-    model.write_text(TINY_MODEL)
+    model = write_tiny_model(tmp_path / "tiny_model.yaml", num_layers=2, layer_pattern="K-")
     sets = [f"model={model}", "data.kind=mock", f"checkpoint.dir={tmp_path / 'ck'}", f"train.steps={steps}",
             "train.warmup_steps=1", "train.seq_length=32", "train.micro_batch_size=1", "train.global_batch_size=4",
             "train.eval_interval=0", "logging.interval=1", "checkpoint.save_interval=0", *extra]

@@ -11,19 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.tiny_models import write_tiny_model
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "recipes" / "fineweb_edu" / "run.sh"
-TINY_MODEL = """\
-vocab_size: 512
-hidden_size: 32
-num_layers: 2
-layer_pattern: "K-"
-kla_heads: 2
-d_state: 4
-num_attention_heads: 2
-tie_embeddings: false
-max_seq_len: 64
-"""
 
 
 def _shards(out: Path, n: int = 3) -> Path:
@@ -46,8 +37,8 @@ def _shards(out: Path, n: int = 3) -> Path:
 @pytest.mark.slow
 def test_recipe_runs_end_to_end_on_tiny_parquet(tmp_path):
     parquet = _shards(tmp_path / "fineweb-edu")
-    model = tmp_path / "tiny_model.yaml"
-    model.write_text(TINY_MODEL)
+    model = write_tiny_model(tmp_path / "tiny_model.yaml", num_layers=2, layer_pattern="K-", num_attention_heads=2,
+                             tie_embeddings=False)
     work = tmp_path / "work"
     env = dict(os.environ, PARQUET=str(parquet), WORK=str(work), VOCAB="400", WORKERS="2", TOKENIZER_SAMPLE="64K",
                LAUNCH=f"{sys.executable} -m kla_megatron.train",

@@ -11,20 +11,9 @@ from pathlib import Path
 import pytest
 
 from tests.dist_utils import run_on_ranks
+from tests.tiny_models import write_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
-
-TINY_MODEL = """\
-vocab_size: 512
-hidden_size: 32
-num_layers: 4
-layer_pattern: "K-*-"
-kla_heads: 2
-d_state: 4
-num_attention_heads: 4
-max_seq_len: 64
-"""
-
 
 def _argv(model_yaml, ckpt_dir, *extra):
     return ["--config", str(REPO / "configs" / "tiny_cpu.yaml"),
@@ -53,9 +42,7 @@ def _runs(rank, world, runs):
 
 @pytest.fixture(scope="module")
 def model_yaml(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "tiny_test.yaml"
-    path.write_text(TINY_MODEL)
-    return path
+    return write_tiny_model(tmp_path_factory.mktemp("model") / "tiny_test.yaml")
 
 
 def test_tiny_model_loss_falls_on_the_sample_corpus(model_yaml, tmp_path):

@@ -14,19 +14,10 @@ from pathlib import Path
 import pytest
 
 from tests.dist_utils import run_on_ranks
+from tests.tiny_models import write_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 
-TINY_MODEL = """\
-vocab_size: 512
-hidden_size: 32
-num_layers: 4
-layer_pattern: "K-*-"
-kla_heads: 2
-d_state: 4
-num_attention_heads: 4
-max_seq_len: 128
-"""
 STEPS = 3
 
 
@@ -76,8 +67,7 @@ def _train(rank, world, model_yaml, data_dir, context):
 
 
 def test_cp2_training_matches_cp1(tmp_path):
-    model_yaml = tmp_path / "tiny_cp.yaml"
-    model_yaml.write_text(TINY_MODEL)
+    model_yaml = write_tiny_model(tmp_path / "tiny_cp.yaml", max_seq_len=128)
     data_dir = str(tmp_path / "data")
     (single,) = run_on_ranks(_train, world_size=1, args=(model_yaml, data_dir, 1))
     cp_ranks = run_on_ranks(_train, world_size=2, args=(model_yaml, data_dir, 2))

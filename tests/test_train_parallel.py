@@ -16,21 +16,10 @@ from pathlib import Path
 import pytest
 
 from tests.dist_utils import run_on_ranks
+from tests.tiny_models import write_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 
-HYBRID = """\
-vocab_size: 512
-hidden_size: 32
-num_layers: 4
-layer_pattern: "K-*-"
-kla_heads: 2
-d_state: 4
-num_attention_heads: 4
-num_query_groups: 2
-tie_embeddings: false
-max_seq_len: 64
-"""
 STEPS = 4
 LAYOUTS = {  # name -> --set overrides, each on 2 ranks
     "tp2_sp": ("parallel.tensor=2", "parallel.sequence_parallel=true"),
@@ -63,8 +52,7 @@ def _train(rank, world, runs):
 @pytest.fixture(scope="module")
 def curves(tmp_path_factory):
     root = tmp_path_factory.mktemp("parallel")
-    model_yaml = root / "hybrid.yaml"
-    model_yaml.write_text(HYBRID)
+    model_yaml = write_tiny_model(root / "hybrid.yaml", num_query_groups=2, tie_embeddings=False)
     # the initial weights: one step at lr 1e-12 leaves them where they started (Adam moves each by ~lr)
     init = _argv(model_yaml, f"checkpoint.dir={root / 'init'}", "train.steps=1", "train.warmup_steps=0",
                  "train.lr=1e-12", "train.min_lr=0", "train.weight_decay=0")
