@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from tests.dist_utils import run_on_ranks
+from tests.train_capture import run_capturing
 from tests.tiny_models import write_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,45 +40,30 @@ def _tiny_lr(*extra):
             "train.weight_decay=0", *extra)
 
 
-def _runs(rank, world, runs):
-    """Training runs through the real entry point (kla_megatron.train.run), one after another;
-    before each trainer closes, its weights (one rank), validation loss and batches are kept."""
-    import kla_megatron.training.trainer as trainer_mod
-    from kla_megatron.train import run
+def _capture(trainer):
+    """The trainer's weights (one rank), validation loss and validation batches (rank 0)."""
     from kla_megatron.training.data import rank_micro_batches
 
-    base = trainer_mod.Trainer
     captured = {}
+    if trainer.world == 1:
+        captured["state"] = {k: v.detach().float().clone() for k, v in trainer.engine.raw_chunks[0].state_dict().items()
+                             if not k.endswith("_extra_state")}
+    if trainer.datasets.valid is None:  # built only with train.eval_interval > 0
+        return captured
+    captured["valid"] = trainer._validate()
+    t = trainer.run.train
+    captured["valid_batches"] = [
+        [{k: b[k].clone() for k in ("tokens", "labels", "loss_mask")}
+         for b in rank_micro_batches(trainer.datasets.valid, i * t.global_batch_size, trainer.run,
+                                     trainer.dp_rank, trainer.dp)]
+        for i in range(t.eval_iters)] if trainer.rank == 0 else None
+    return captured
 
-    class Capturing(base):
-        def close(self, barrier: bool = True):
-            if barrier:
-                if self.world == 1:
-                    captured["state"] = {k: v.detach().float().clone()
-                                         for k, v in self.engine.raw_chunks[0].state_dict().items()
-                                         if not k.endswith("_extra_state")}
-                if self.datasets.valid is None:  # built only with train.eval_interval > 0
-                    return super().close(barrier)
-                captured["valid"] = self._validate()
-                t = self.run.train
-                captured["valid_batches"] = [
-                    [{k: b[k].clone() for k in ("tokens", "labels", "loss_mask")}
-                     for b in rank_micro_batches(self.datasets.valid, i * t.global_batch_size, self.run,
-                                                 self.dp_rank, self.dp)]
-                    for i in range(t.eval_iters)] if rank == 0 else None
-            super().close(barrier)
 
-    trainer_mod.Trainer = Capturing
-    out = []
-    try:
-        for argv in runs:
-            captured.clear()
-            h = run(argv)
-            out.append({"losses": dict(h.losses), "start": h.start_step, "final": h.final_step,
-                        "resumed_from": h.resumed_from, "last": h.last_checkpoint, **captured})
-    finally:
-        trainer_mod.Trainer = base
-    return out
+def _runs(rank, world, runs):
+    """Training runs through the real entry point, one after another (tests/train_capture.py)."""
+    return [{"losses": dict(h.losses), "start": h.start_step, "final": h.final_step, "resumed_from": h.resumed_from,
+             "last": h.last_checkpoint, **captured} for h, captured in run_capturing(runs, _capture)]
 
 
 def _convert(*argv):

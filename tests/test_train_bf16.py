@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tests.dist_utils import run_on_ranks
+from tests.train_capture import run_capturing
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 5
@@ -44,31 +45,15 @@ def _optimizer_state(engine) -> dict:
     return {"main_dtypes": main_dtypes, "pairs": pairs, "group_dtypes": group_dtypes}
 
 
+def _capture(trainer):
+    e = trainer.engine
+    return {"wrapper": type(e.chunks[0].module).__name__,
+            "params": {n: p.detach().clone() for n, p in e.raw_chunks[0].named_parameters()}, **_optimizer_state(e)}
+
+
 def _train(rank, world, runs):
-    import kla_megatron.training.trainer as trainer_mod
-    from kla_megatron.train import run
-
-    base, captured = trainer_mod.Trainer, {}
-
-    class Capturing(base):
-        def close(self, barrier: bool = True):
-            if barrier:
-                e = self.engine
-                captured["wrapper"] = type(e.chunks[0].module).__name__
-                captured["params"] = {n: p.detach().clone() for n, p in e.raw_chunks[0].named_parameters()}
-                captured.update(_optimizer_state(e))
-            super().close(barrier)
-
-    trainer_mod.Trainer = Capturing
-    out = []
-    try:
-        for argv in runs:
-            captured.clear()
-            h = run(argv)
-            out.append({"losses": dict(h.losses), "grad_norms": dict(h.grad_norms), **captured})
-    finally:
-        trainer_mod.Trainer = base
-    return out
+    return [{"losses": dict(h.losses), "grad_norms": dict(h.grad_norms), **captured}
+            for h, captured in run_capturing(runs, _capture)]
 
 
 @pytest.fixture(scope="module")
